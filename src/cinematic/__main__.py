@@ -1,0 +1,5 @@
+import sys
+
+from cinematic.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""Adapters between the network and the samplers (k-diffusion's ``external.py`` pattern).
+
+Three interfaces, innermost first:
+
+- ``EpsModel``: the UNet, ``eps_model(x, t, cond) -> eps`` on the VP latent ``x`` [B, C, F, H, W], float32 timesteps
+  ``t`` [B] and text embeddings ``cond`` [B, L, D].
+- ``GuidedEps``: the network with its conditioning bound, ``guided(x, t) -> eps``. :func:`classifier_free_guidance`
+  builds one; so does ``functools.partial(eps_model, cond=...)``.
+- ``Denoiser``: what every sampler calls, ``denoiser(x, sigma) -> x0`` on the VE latent ``x = x0 + sigma * eps``
+  with ``sigma`` a 0-d float64 tensor shared by the whole batch. :class:`DiscreteEpsDenoiser` builds one.
+
+Nothing here folds frames into the batch: all maps are elementwise over (B, C, F, H, W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from cinematic.diffusion.schedule import sigma_to_t
+
+
+class EpsModel(Protocol):
+    def __call__(self, x: Tensor, t: Tensor, cond: Any, /) -> Tensor: ...
+
+
+class GuidedEps(Protocol):
+    def __call__(self, x: Tensor, t: Tensor, /) -> Tensor: ...
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: Tensor, sigma: Tensor, /) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class ClassifierFreeGuidance:
+    """``eps = eps_u + scale * (eps_c - eps_u)`` (Ho & Salimans 2022), a ``GuidedEps`` around an ``EpsModel``.
+
+    ``batched=True`` runs one batch of 2B ordered [uncond, cond], as diffusers does; ``batched=False`` runs the two
+    branches one after the other with batch B, as ModelScope does: half the activation memory, same result.
+    ``scale == 1`` is the conditional branch alone and never runs the unconditional one. ``cond`` and ``uncond``
+    must have the same shape.
+    """
+
+    eps_model: EpsModel
+    cond: Tensor
+    uncond: Tensor | None
+    scale: float
+    batched: bool = True
+
+    def __post_init__(self) -> None:
+        if self.uncond is None and self.scale != 1.0:
+            raise ValueError("classifier-free guidance with scale != 1 needs an unconditional embedding")
+        if self.uncond is not None and self.uncond.shape != self.cond.shape:
+            raise ValueError(f"cond {tuple(self.cond.shape)} and uncond {tuple(self.uncond.shape)} differ in shape")
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.scale == 1.0:
+            return self.eps_model(x, t, self.cond)
+        if self.batched:
+            # [B, C, F, H, W] -> [2B, C, F, H, W], rows [uncond, cond]
+            eps = self.eps_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond]))
+            eps_u, eps_c = eps.chunk(2)
+        else:
+            eps_u = self.eps_model(x, t, self.uncond)
+            eps_c = self.eps_model(x, t, self.cond)
+        return eps_u + self.scale * (eps_c - eps_u)
+
+
+def classifier_free_guidance(
+    eps_model: EpsModel, cond: Tensor, uncond: Tensor | None, scale: float, batched: bool = True
+) -> ClassifierFreeGuidance:
+    """Bind ``cond``/``uncond`` to ``eps_model`` and guide with ``scale``; see :class:`ClassifierFreeGuidance`."""
+    return ClassifierFreeGuidance(eps_model, cond, uncond, float(scale), batched)
+
+
+@dataclass(frozen=True)
+class DiscreteEpsDenoiser:
+    """``denoiser(x, sigma) -> x0`` around an eps-prediction network trained on discrete timesteps.
+
+    The VE latent enters the network in VP form, ``x_VP = x / sqrt(1 + sigma**2)``, at the timestep of ``sigma``
+    (:func:`~cinematic.diffusion.schedule.sigma_to_t` with this adapter's ``interpolation`` and ``quantize``), and
+    ``x0 = x - sigma * eps``. Coefficients are computed in float64 and applied as Python floats, so ``x`` keeps its
+    dtype and device; ``t`` reaches the network as float32 [B] on ``x``'s device.
+    """
+
+    model: GuidedEps
+    alpha_bar: Tensor
+    interpolation: str = "log"
+    quantize: bool = True
+
+    def timestep(self, sigma: Tensor) -> float:
+        return sigma_to_t(sigma, self.alpha_bar, interpolation=self.interpolation, quantize=self.quantize).item()
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        s = float(sigma)
+        t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)
+        eps = self.model(x * (1.0 + s * s) ** -0.5, t)
+        return x - s * eps

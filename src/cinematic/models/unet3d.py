@@ -1,0 +1,173 @@
+"""The text-conditioned 3D UNet denoiser of text-to-video-ms-1.7b (ModelScope ``UNetSD``, diffusers
+``UNet3DConditionModel``).
+
+A Stable-Diffusion-2 UNet run per frame, with a temporal conv after every resnet and a temporal transformer after
+every spatial transformer, plus one temporal transformer (``transformer_in``) right after ``conv_in``.
+Module names mirror diffusers so its checkpoints load with ``load_state_dict(strict=True)`` and no renames;
+``cinematic.weights.modelscope_unet`` maps ModelScope's layout onto them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cinematic.errors import CinematicError
+from cinematic.models.layers import GroupNorm
+from cinematic.models.unet3d_blocks import (
+    DownBlock3D,
+    MidBlock3D,
+    TemporalTransformer,
+    TimestepEmbedding,
+    UpBlock3D,
+    fold_frames,
+    timestep_embedding,
+    unfold_frames,
+)
+
+
+@dataclass(frozen=True)
+class UNetLevel:
+    """One resolution of the UNet: its width and whether its layers carry spatial+temporal transformers."""
+
+    channels: int
+    attention: bool
+
+
+@dataclass(frozen=True)
+class UNet3DConfig:
+    """Defaults are the published model (diffusers ``unet/config.json`` / ModelScope ``model_cfg``)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    levels: tuple[UNetLevel, ...] = (
+        UNetLevel(320, True),
+        UNetLevel(640, True),
+        UNetLevel(1280, True),
+        UNetLevel(1280, False),
+    )
+    layers_per_block: int = 2  # the decoder has one more per level, to consume the downsampler's skip
+    head_dim: int = 64  # spatial/temporal transformers use channels // head_dim heads of this width
+    cross_attention_dim: int = 1024
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    transformer_in_heads: int = 8  # transformer_in alone has a fixed head count (8 x 64 = 512 inner)
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise CinematicError("UNet3DConfig: levels must not be empty")
+        if min(self.in_channels, self.out_channels, self.layers_per_block, self.head_dim, self.norm_groups) < 1:
+            raise CinematicError(
+                "UNet3DConfig: channel counts, layers_per_block, head_dim and norm_groups must be >= 1"
+            )
+        if self.cross_attention_dim < 1 or self.transformer_in_heads < 1:
+            raise CinematicError("UNet3DConfig: cross_attention_dim and transformer_in_heads must be >= 1")
+        for i, level in enumerate(self.levels):
+            if level.channels < 1 or level.channels % self.norm_groups:
+                raise CinematicError(
+                    f"UNet3DConfig: level {i} has {level.channels} channels, not a positive multiple of "
+                    f"norm_groups={self.norm_groups}"
+                )
+            # The middle block always has attention, at the last level's width.
+            needs_heads = level.attention or i == len(self.levels) - 1
+            if needs_heads and level.channels % self.head_dim:
+                raise CinematicError(
+                    f"UNet3DConfig: level {i} has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
+                )
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.levels[0].channels
+
+
+UNET_FULL = UNet3DConfig()
+# Small enough for CPU tests in milliseconds, but every structural case: attention and attention-free levels,
+# two downsamplings (so odd latent sizes exercise the skip-sized upsampling), several layers per block.
+UNET_TINY = UNet3DConfig(
+    levels=(UNetLevel(16, True), UNetLevel(32, True), UNetLevel(32, False)),
+    layers_per_block=2,
+    head_dim=8,
+    cross_attention_dim=32,
+    norm_groups=4,
+)
+
+
+class UNet3D(nn.Module):
+    """``forward(x [B,C,F,H,W], t, context [B,L,D]) -> eps [B,C_out,F,H,W]``; any F, any H and W >= 1."""
+
+    def __init__(self, config: UNet3DConfig = UNET_FULL):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        widths = [level.channels for level in config.levels]
+        c0 = widths[0]
+        self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
+        self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
+        self.transformer_in = TemporalTransformer(c0, config.transformer_in_heads, config.head_dim, config.norm_groups)
+        self.down_blocks = nn.ModuleList(self._down_blocks(config))
+        self.mid_block = MidBlock3D(widths[-1], config)
+        self.up_blocks = nn.ModuleList(self._up_blocks(config))
+        self.conv_norm_out = GroupNorm(config.norm_groups, c0, eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
+
+    @staticmethod
+    def _down_blocks(config: UNet3DConfig) -> list[DownBlock3D]:
+        widths = [level.channels for level in config.levels]
+        last = len(widths) - 1
+        return [
+            DownBlock3D(widths[max(i - 1, 0)], level.channels, level.attention, i < last, config)
+            for i, level in enumerate(config.levels)
+        ]
+
+    @staticmethod
+    def _up_blocks(config: UNet3DConfig) -> list[UpBlock3D]:
+        """Decoder levels, deepest first. Layer j of a level takes its input width plus the width of the skip it
+        pops; the last layer pops the skip saved before this level's downsampling, one level shallower."""
+        levels = list(reversed(config.levels))
+        n, blocks = len(levels), []
+        for i, level in enumerate(levels):
+            prev = levels[max(i - 1, 0)].channels
+            shallower = levels[min(i + 1, n - 1)].channels
+            skip_chs = [level.channels] * config.layers_per_block + [shallower]
+            in_chs = [(prev if j == 0 else level.channels) + s for j, s in enumerate(skip_chs)]
+            blocks.append(UpBlock3D(in_chs, level.channels, level.attention, i < n - 1, config))
+        return blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def embed_time(self, t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+        """Timesteps (scalar, ``[1]`` or ``[B]``) -> ``[B, 4*C0]``; the sinusoid stays float32 until the MLP."""
+        t = torch.as_tensor(t, device=device)
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
+        emb = timestep_embedding(t, self.config.levels[0].channels)
+        return self.time_embedding(emb.to(self.dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        b, _, frames, _, _ = x.shape
+        ckpt = self.gradient_checkpointing
+        # Time embedding and text context are per video; every frame gets its video's copy.
+        temb = self.embed_time(t, b, x.device).repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
+        context = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
+
+        h = self.conv_in(fold_frames(x))  # [B,C,F,H,W] -> [(B F),C,H,W]
+        h = self.transformer_in(h, frames)
+        skips = [h]
+        for down in self.down_blocks:
+            h, level_skips = down(h, temb, context, frames, ckpt)
+            skips.extend(level_skips)
+
+        h = self.mid_block(h, temb, context, frames, ckpt)
+
+        for up in self.up_blocks:
+            level_skips, skips = skips[-len(up.resnets) :], skips[: -len(up.resnets)]
+            # Upsample to the exact size of the next skip (ceil-halving in the encoder makes odd sizes lossy).
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = up(h, level_skips, temb, context, frames, size, ckpt)
+
+        h = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return unfold_frames(h, frames)  # [(B F),C,H,W] -> [B,C,F,H,W]

@@ -1,0 +1,210 @@
+"""The diffusers folder layout: ``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
+``scheduler/``, as published in ali-vilab/text-to-video-ms-1.7b, zeroscope and others.
+
+Our module names are diffusers' own, so the UNet and VAE weights load without renames; the text encoder only loses
+the ``text_model.`` prefix that transformers 4 wrote (transformers 5 writes none). The configs are parsed into our
+dataclasses: a key that would change the architecture must hold the one value we implement, and harmless keys are
+listed in explicit ignore sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cinematic.errors import CinematicError
+from cinematic.models.components import ModelConfig, ScheduleConfig
+from cinematic.models.text_encoder import TextEncoderConfig
+from cinematic.models.unet3d import UNet3DConfig, UNetLevel
+from cinematic.models.vae import VAEConfig
+from cinematic.weights.files import StateDict, read_json, read_weights
+from cinematic.weights.source import Source
+
+# Weight file stems per component, in the order we look for them.
+WEIGHT_STEMS = {
+    "unet": ("diffusion_pytorch_model",),
+    "vae": ("diffusion_pytorch_model",),
+    "text_encoder": ("model", "pytorch_model"),
+}
+
+_UNET_FIXED = {  # key: the only value our UNet implements
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "num_attention_heads": None,  # diffusers itself refuses a non-None value for this model
+    "time_cond_proj_dim": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+_UNET_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size"}
+
+_TEXT_FIXED = {"hidden_act": "gelu", "use_attention_mask": False}
+_TEXT_IGNORED = {
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim", "initializer_factor", "initializer_range",
+    "attention_dropout", "dropout", "output_hidden_states", "output_attentions", "return_dict", "use_cache",
+    "_attn_implementation_autoset", "tie_word_embeddings", "id2label", "label2id",
+}  # fmt: skip
+
+_VAE_FIXED = {
+    "act_fn": "silu",
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+_VAE_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "force_upcast"}
+
+_SCHEDULE_FIXED = {
+    "beta_schedule": "scaled_linear",
+    "thresholding": False,
+    "clip_sample": False,
+    "rescale_betas_zero_snr": False,
+    "trained_betas": None,
+}
+_SCHEDULE_IGNORED = {
+    "_class_name", "_diffusers_version", "set_alpha_to_one", "steps_offset", "skip_prk_steps", "timestep_spacing",
+    "clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "solver_type",
+    "algorithm_type", "lower_order_final", "use_karras_sigmas", "interpolation_type", "final_sigmas_type",
+    "euler_at_final", "variance_type", "lambda_min_clipped", "use_lu_lambdas", "use_exponential_sigmas",
+    "use_beta_sigmas", "use_flow_sigmas", "flow_shift", "sigma_min", "sigma_max", "timestep_type",
+    "rescale_betas_zero_snr", "prediction_type_",
+}  # fmt: skip
+
+
+def _check_keys(config: dict[str, Any], used: set[str], fixed: dict[str, Any], ignored: set[str], where: Path) -> None:
+    for key, value in fixed.items():
+        if key in config and config[key] != value:
+            raise CinematicError(f"{where}: {key}={config[key]!r} is not supported; allowed: {value!r}")
+    unknown = config.keys() - used - fixed.keys() - ignored
+    if unknown:
+        raise CinematicError(f"{where}: unknown config keys {sorted(unknown)} (they may change the architecture)")
+
+
+def parse_unet_config(config: dict[str, Any], where: Path) -> UNet3DConfig:
+    used = {
+        "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+        "layers_per_block", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim",
+    }  # fmt: skip
+    _check_keys(config, used, _UNET_FIXED, _UNET_IGNORED, where)
+    channels = list(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    down = list(config.get("down_block_types", ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"]))
+    up = list(config.get("up_block_types", ["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3))
+    allowed_down = {"CrossAttnDownBlock3D": True, "DownBlock3D": False}
+    if len(down) != len(channels) or any(d not in allowed_down for d in down):
+        raise CinematicError(f"{where}: down_block_types {down} must be one of {sorted(allowed_down)} per level")
+    mirrored = ["CrossAttnUpBlock3D" if allowed_down[d] else "UpBlock3D" for d in reversed(down)]
+    if up != mirrored:
+        raise CinematicError(f"{where}: up_block_types {up} must mirror down_block_types ({mirrored})")
+    head_dim = config.get("attention_head_dim", 64)
+    if not isinstance(head_dim, int):
+        raise CinematicError(f"{where}: attention_head_dim must be one integer, got {head_dim!r}")
+    return UNet3DConfig(
+        in_channels=config.get("in_channels", 4),
+        out_channels=config.get("out_channels", 4),
+        levels=tuple(UNetLevel(c, allowed_down[d]) for c, d in zip(channels, down)),
+        layers_per_block=config.get("layers_per_block", 2),
+        head_dim=head_dim,
+        cross_attention_dim=config.get("cross_attention_dim", 1024),
+        norm_groups=config.get("norm_num_groups", 32),
+        norm_eps=config.get("norm_eps", 1e-5),
+    )
+
+
+def parse_text_encoder_config(config: dict[str, Any], where: Path) -> TextEncoderConfig:
+    used = {
+        "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "intermediate_size", "layer_norm_eps",
+    }  # fmt: skip
+    _check_keys(config, used, _TEXT_FIXED, _TEXT_IGNORED, where)
+    return TextEncoderConfig(
+        vocab_size=config.get("vocab_size", 49408),
+        context_length=config.get("max_position_embeddings", 77),
+        width=config.get("hidden_size", 1024),
+        layers=config.get("num_hidden_layers", 23),
+        heads=config.get("num_attention_heads", 16),
+        mlp_width=config.get("intermediate_size", 4096),
+        eps=config.get("layer_norm_eps", 1e-5),
+    )
+
+
+def parse_vae_config(config: dict[str, Any], where: Path) -> VAEConfig:
+    used = {
+        "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+        "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor",
+    }  # fmt: skip
+    _check_keys(config, used, _VAE_FIXED, _VAE_IGNORED, where)
+    channels = tuple(config.get("block_out_channels", (128, 256, 512, 512)))
+    if set(config.get("down_block_types", ["DownEncoderBlock2D"])) != {"DownEncoderBlock2D"} or set(
+        config.get("up_block_types", ["UpDecoderBlock2D"])
+    ) != {"UpDecoderBlock2D"}:
+        raise CinematicError(f"{where}: only DownEncoderBlock2D / UpDecoderBlock2D blocks are supported")
+    return VAEConfig(
+        in_channels=config.get("in_channels", 3),
+        out_channels=config.get("out_channels", 3),
+        latent_channels=config.get("latent_channels", 4),
+        block_out_channels=channels,
+        layers_per_block=config.get("layers_per_block", 2),
+        norm_groups=config.get("norm_num_groups", 32),
+        scaling_factor=config.get("scaling_factor", 0.18215),
+    )
+
+
+def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig:
+    used = {"beta_start", "beta_end", "num_train_timesteps", "prediction_type"}
+    _check_keys(config, used, _SCHEDULE_FIXED, _SCHEDULE_IGNORED, where)
+    return ScheduleConfig(
+        beta_start=config.get("beta_start", 0.00085),
+        beta_end=config.get("beta_end", 0.012),
+        num_train_timesteps=config.get("num_train_timesteps", 1000),
+        prediction_type=config.get("prediction_type", "epsilon"),
+    )
+
+
+def find_weight_file(folder: Path, component: str, variant: str | None) -> Path:
+    """Pick one weight file: the asked variant first (``fp16``), then the full one; safetensors before .bin."""
+    variants = [variant, None] if variant else [None, "fp16"]
+    for v in variants:
+        for stem in WEIGHT_STEMS[component]:
+            ext = stem if v is None else f"{stem}.{v}"
+            for name in (f"{ext}.safetensors", f"{ext}.safetensors.index.json", f"{ext}.bin", f"{ext}.bin.index.json"):
+                if (folder / name).is_file():
+                    return folder / name
+    raise CinematicError(f"{folder}: no weights file for {component} (looked for {WEIGHT_STEMS[component][0]}.*)")
+
+
+def strip_text_model_prefix(state: StateDict) -> StateDict:
+    """transformers 4 wrote CLIPTextModel keys under ``text_model.``; transformers 5 writes them bare."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    state.pop("embeddings.position_ids", None)  # a non-persistent buffer that old transformers saved
+    return state
+
+
+def read_diffusers(folder: Path, variant: str | None = None) -> Source:
+    index = read_json(folder / "model_index.json")
+    for component in ("unet", "vae", "text_encoder", "tokenizer"):
+        if component not in index or not (folder / component).is_dir():
+            raise CinematicError(f"{folder}: model_index.json layout lacks the {component}/ folder")
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    schedule = parse_schedule_config(read_json(scheduler_file), scheduler_file) if scheduler_file.is_file() else None
+    unet_file, text_file, vae_file = (folder / c / "config.json" for c in ("unet", "text_encoder", "vae"))
+    unet_json = read_json(unet_file)
+    config = ModelConfig(
+        unet=parse_unet_config(unet_json, unet_file),
+        text_encoder=parse_text_encoder_config(read_json(text_file), text_file),
+        vae=parse_vae_config(read_json(vae_file), vae_file),
+        schedule=schedule or ScheduleConfig(),
+    )
+    if unet_json.get("sample_size"):  # the trained resolution, in latent pixels
+        size = int(unet_json["sample_size"]) * 8
+        config = replace(config, defaults=replace(config.defaults, height=size, width=size))
+    files = {c: find_weight_file(folder / c, c, variant) for c in ("unet", "text_encoder", "vae")}
+    readers = {
+        "unet": lambda: read_weights(files["unet"]),
+        "vae": lambda: read_weights(files["vae"]),
+        "text_encoder": lambda: strip_text_model_prefix(read_weights(files["text_encoder"])),
+    }
+    return Source("diffusers", folder, config, files, readers, folder / "tokenizer")

@@ -1,0 +1,135 @@
+"""Reading weight files, and loading a state dict into a network strictly."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cinematic.errors import CinematicError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CinematicError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CinematicError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_safetensors(path: Path) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CinematicError(f"{path} is not a valid safetensors file (truncated or corrupt): {e}") from None
+    except FileNotFoundError:
+        raise CinematicError(f"missing file: {path}") from None
+
+
+def read_torch(path: Path) -> StateDict:
+    """A ``torch.save`` state dict, loaded with ``weights_only=True``: pickled code is refused, never run."""
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # files in the pre-1.6 legacy format cannot be memory-mapped
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CinematicError(f"missing file: {path}") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).split("\n\n")[-1].strip().splitlines()[0] if str(e) else "unsafe pickle"
+        raise CinematicError(f"refusing to load {path}: it is not a plain weights file ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CinematicError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CinematicError(f"{path} does not hold a state dict of tensors")
+    return data
+
+
+def read_weights(path: Path) -> StateDict:
+    """Any single weights file by extension; a sharded ``*.index.json`` reads all its shards."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(read_json(path).get("weight_map", {}).values()))
+        state: StateDict = {}
+        for shard in shards:
+            state.update(read_weights(path.parent / shard))
+        return state
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    return read_torch(path)
+
+
+def _describe(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_state_dict(module: nn.Module, state: StateDict, what: str) -> None:
+    """Raise a CinematicError naming every missing key, unexpected key and wrong shape."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    if missing:
+        raise CinematicError(f"{what}: missing keys: {_describe(missing)}")
+    if unexpected:
+        raise CinematicError(f"{what}: unexpected keys: {_describe(unexpected)}")
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+        for k in expected
+        if tuple(state[k].shape) != expected[k]
+    ]
+    if wrong:
+        raise CinematicError(f"{what}: wrong shapes: {_describe(wrong, 4)}")
+
+
+def load_into(module: nn.Module, state: StateDict, what: str, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Strictly load ``state`` into a module built on the meta device, casting to ``dtype`` one tensor at a time."""
+    check_state_dict(module, state, what)
+    for key in list(state):
+        tensor = state[key]
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        state[key] = tensor.to(device=device, dtype=target)
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def stored_dtype(path: Path) -> str:
+    """The floating dtype a weights file stores, read from its header (safetensors) or a memory-mapped load."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as e:
+            raise CinematicError(f"{path} is not a valid safetensors file: {e}") from None
+        kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    elif path.name.endswith(".index.json"):
+        shard = sorted(set(read_json(path).get("weight_map", {}).values()))[:1]
+        return stored_dtype(path.parent / shard[0]) if shard else "unknown"
+    else:
+        from cinematic.weights.pickle_safe import load_checkpoint
+
+        data = load_checkpoint(path)
+        data = data.get("state_dict", data) if isinstance(data, dict) else {}
+        kinds = {str(v.dtype).removeprefix("torch.") for v in data.values() if isinstance(v, torch.Tensor)}
+    names = sorted(_SAFETENSORS_DTYPES.get(k, k) for k in kinds if k not in ("I64", "I32", "int64", "int32", "BOOL"))
+    return "/".join(names) or "unknown"

@@ -1,0 +1,203 @@
+"""UNet3D: parity with diffusers' UNet3DConditionModel (diffusers==0.42.1) and ModelScope's UNetSD
+(modelscope==1.40.2) on tiny random configs, full-size key sets on the meta device, and invariances."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import UNet3DConditionModel
+from modelscope.models.multi_modal.video_synthesis.unet_sd import UNetSD
+
+from cinematic.errors import CinematicError
+from cinematic.models.unet3d import UNET_FULL, UNET_TINY, UNet3D, UNet3DConfig, UNetLevel
+from cinematic.weights.modelscope_unet import convert_modelscope_unet
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+# ModelScope hard-codes GroupNorm(32) everywhere and a 1024-wide context in the decoder's cross-attention,
+# so its tiny config keeps those two; transformer_in_heads != 8 checks that its head count is configurable.
+MS_TINY = UNet3DConfig(
+    levels=(UNetLevel(32, True), UNetLevel(32, False), UNetLevel(64, True)),
+    layers_per_block=1,
+    head_dim=16,
+    cross_attention_dim=1024,
+    norm_groups=32,
+    transformer_in_heads=4,
+)
+
+
+def randomize_(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter random, including the zero-initialised ones (temporal conv4, ModelScope's proj_out and
+    out conv): otherwise whole branches are identities and a wrong wiring there would go unnoticed."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+            else:  # biases near 0, norm scales near 1
+                p.copy_(0.1 * torch.randn_like(p) + (1.0 if name.endswith("weight") else 0.0))
+    return module.eval()
+
+
+def diffusers_unet(config: UNet3DConfig) -> UNet3DConditionModel:
+    assert config.transformer_in_heads == 8, "diffusers hard-codes 8 heads in transformer_in"
+    down = ["CrossAttnDownBlock3D" if lvl.attention else "DownBlock3D" for lvl in config.levels]
+    up = ["CrossAttnUpBlock3D" if lvl.attention else "UpBlock3D" for lvl in reversed(config.levels)]
+    return UNet3DConditionModel(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=tuple(lvl.channels for lvl in config.levels),
+        layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_groups,
+        norm_eps=config.norm_eps,
+        cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.head_dim,  # diffusers' name for it; see reference-model.md §3.1
+    )
+
+
+def modelscope_unet(config: UNet3DConfig) -> UNetSD:
+    dim = config.levels[0].channels
+    return UNetSD(
+        in_dim=config.in_channels,
+        dim=dim,
+        y_dim=768,  # stored but unused
+        context_dim=config.cross_attention_dim,
+        out_dim=config.out_channels,
+        dim_mult=[lvl.channels // dim for lvl in config.levels],
+        num_heads=config.transformer_in_heads,
+        head_dim=config.head_dim,
+        num_res_blocks=config.layers_per_block,
+        attn_scales=[1 / 2**i for i, lvl in enumerate(config.levels) if lvl.attention],
+        dropout=0.1,
+        temporal_attention=True,
+    )
+
+
+def inputs(config: UNet3DConfig, batch: int, frames: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(batch, config.in_channels, frames, h, w)
+    t = torch.tensor([981, 17, 500][:batch])
+    context = torch.randn(batch, 7, config.cross_attention_dim)
+    return x, t, context
+
+
+def ours_from(state_dict: dict[str, torch.Tensor], config: UNet3DConfig) -> UNet3D:
+    model = UNet3D(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "fp16"])
+def test_matches_diffusers(tmp_path, fmt):
+    ref = randomize_(diffusers_unet(UNET_TINY))
+    if fmt == "fp16":
+        ref.half().save_pretrained(tmp_path, variant="fp16")
+        state = safetensors.torch.load_file(tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+        assert all(v.dtype == torch.float16 for v in state.values())
+        ref.float()  # the reference runs in fp32 with the same fp16-rounded weights
+    elif fmt == "bin":
+        ref.save_pretrained(tmp_path, safe_serialization=False)
+        state = torch.load(tmp_path / "diffusion_pytorch_model.bin", weights_only=True)
+    else:
+        ref.save_pretrained(tmp_path)
+        state = safetensors.torch.load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    ours = ours_from(state, UNET_TINY)
+    # 10x6 latents become 5x3 then 3x2: the upsamplers must return to the skips' sizes (diffusers' upsample_size).
+    cases = [(1, 40, 24), (3, 10, 6), (8, 6, 10)] if fmt == "safetensors" else [(3, 10, 6)]
+    for frames, h, w in cases:
+        x, t, context = inputs(UNET_TINY, 2, frames, h, w)
+        with torch.no_grad():
+            expected = ref(x, t, context).sample
+            actual = ours(x, t, context)
+        assert actual.shape == (2, UNET_TINY.out_channels, frames, h, w)
+        torch.testing.assert_close(actual, expected, **TOL)
+
+
+def test_matches_modelscope(tmp_path):
+    ref = randomize_(modelscope_unet(MS_TINY))
+    torch.save(ref.state_dict(), tmp_path / "text2video_pytorch_model.pth")
+    state = torch.load(tmp_path / "text2video_pytorch_model.pth", weights_only=True)
+    ours = ours_from(convert_modelscope_unet(state, MS_TINY), MS_TINY)
+    # UNetSD always doubles when upsampling: H and W must be multiples of 2**(levels-1).
+    for frames, h, w in [(1, 8, 12), (4, 12, 8)]:
+        x, t, context = inputs(MS_TINY, 2, frames, h, w)
+        with torch.no_grad():
+            expected = ref(x, t, y=context)
+            actual = ours(x, t, context)
+        torch.testing.assert_close(actual, expected, **TOL)
+
+
+def test_full_size_on_meta():
+    with torch.device("meta"):
+        ours = UNet3D(UNET_FULL).state_dict()
+        diffusers = UNet3DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=64,
+            cross_attention_dim=1024,
+            layers_per_block=2,
+        ).state_dict()
+        modelscope = modelscope_unet(UNET_FULL).state_dict()
+    assert len(ours) == 1480
+    assert sum(v.numel() for v in ours.values()) == 1_411_233_860
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in diffusers.items()}
+    converted = convert_modelscope_unet(modelscope, UNET_FULL)
+    assert len(modelscope) == 1480
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ours.items()}
+
+
+def test_converter_names_unknown_and_missing_keys():
+    with torch.device("meta"):
+        state = modelscope_unet(MS_TINY).state_dict()
+    bogus = {**state, "input_blocks.1.0.in_layers.9.weight": state["input_blocks.1.0.in_layers.0.weight"]}
+    with pytest.raises(CinematicError, match=r"input_blocks\.1\.0\.in_layers\.9\.weight"):
+        convert_modelscope_unet(bogus, MS_TINY)
+    with pytest.raises(CinematicError, match="fps_embedding.0.weight"):
+        convert_modelscope_unet({**state, "fps_embedding.0.weight": state["time_embed.0.weight"]}, MS_TINY)
+    partial = {k: v for k, v in state.items() if k != "output_blocks.0.0.temopral_conv.conv4.3.bias"}
+    with pytest.raises(CinematicError, match=r"up_blocks\.0\.temp_convs\.0\.conv4\.3\.bias"):
+        convert_modelscope_unet(partial, MS_TINY)
+    wider = dataclasses.replace(MS_TINY, cross_attention_dim=768)
+    with pytest.raises(CinematicError, match="shape"):
+        convert_modelscope_unet(state, wider)
+
+
+def test_config_validation():
+    with pytest.raises(CinematicError, match="norm_groups"):
+        UNet3DConfig(levels=(UNetLevel(48, True),), norm_groups=32)
+    with pytest.raises(CinematicError, match="head_dim"):
+        UNet3DConfig(levels=(UNetLevel(96, True),), head_dim=64)
+
+
+def test_batch_of_two_equals_two_batches_of_one():
+    model = randomize_(UNet3D(UNET_TINY))
+    x, t, context = inputs(UNET_TINY, 2, 3, 10, 6)
+    with torch.no_grad():
+        both = model(x, t, context)
+        one_by_one = torch.cat([model(x[i : i + 1], t[i], context[i : i + 1]) for i in range(2)])
+    torch.testing.assert_close(both, one_by_one, **TOL)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = randomize_(UNet3D(UNET_TINY))
+    x, t, context = inputs(UNET_TINY, 1, 2, 8, 8)
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = enabled
+        model(x, t, context).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runs_in_half_precision(dtype):
+    model = randomize_(UNet3D(UNET_TINY))
+    x, _, context = inputs(UNET_TINY, 1, 2, 10, 6)
+    with torch.no_grad():
+        expected = model(x, 981, context)  # a plain int timestep works too
+        actual = model.to(dtype)(x.to(dtype), 981, context.to(dtype))
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), expected, rtol=0.1, atol=0.1)
