@@ -50,7 +50,7 @@ def diffusers_components(vocab_dir: Path, cross_attention_dim: int = 32):
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
-        sample_size=8,
+        sample_size=4,  # 32-pixel videos by default, so tests can run small
     )
     vae = AutoencoderKL(
         block_out_channels=(32, 64),
@@ -100,6 +100,10 @@ def make_diffusers_folder(
     if variant == "fp16":
         pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+    # save_pretrained writes every default (timestep_spacing "leading" among them); the published file names only
+    # these keys, and what it leaves out decides the spacing of schedulers made from it with from_config.
+    published = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0.dev0", **SCHEDULER_CONFIG}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(published, indent=2))
     if not tokenizer_json:
         shutil.rmtree(folder / "tokenizer")
         write_tiny_clip_vocab(folder / "tokenizer")

@@ -1,0 +1,1 @@
+"""Datasets for training and evaluating small text-to-video models."""

@@ -1,0 +1,1 @@
+"""Evaluation: judging generated videos against their captions."""

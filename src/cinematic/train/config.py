@@ -1,0 +1,132 @@
+"""What a training run is: one frozen dataclass, checked on construction, with no heavy imports.
+
+The CLI (``train/cli.py``) builds a :class:`TrainConfig` from its flags and the Python API takes one directly, so
+every default lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cinematic.errors import CinematicError
+
+STAGES = ("vae", "unet")
+# What ``parts`` may name in each stage. "temporal" is the UNet's temporal layers alone (temp_convs,
+# temp_attentions, transformer_in), "decoder" the VAE's decoder and post_quant_conv.
+PARTS = {"vae": ("vae", "decoder"), "unet": ("unet", "temporal", "text")}
+DEFAULT_PARTS = {"vae": "vae", "unet": "unet+text"}
+PRECISIONS = ("bf16", "fp32")
+SAVE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run of ``cinematic train``: where it writes, what it starts from, what it sees and how it optimises."""
+
+    out: Path  # a new or empty folder, or the folder of a run to continue with ``resume``
+    stage: str = "unet"  # "vae": the autoencoder alone; "unet": UNet and text encoder on frozen VAE latents
+    # Where the weights come from: an existing model (any layout ``cinematic.weights.load`` reads), or a preset
+    # name / ModelConfig JSON for a fresh random init. ``vae`` swaps in another model's (trained) VAE.
+    init: str | None = None
+    preset: str | None = None
+    vae: str | None = None
+    tokenizer: str | None = None  # a tokenizer folder; by default the init model's, or one trained on the captions
+    # "shapes" (the procedural generator) or a captions file (JSONL or CSV with path and caption) or its folder.
+    data: str = "shapes"
+    frames: int | None = None  # None: the starting model's trained size, else the data's (shapes: 16 x 32 x 32)
+    height: int | None = None
+    width: int | None = None
+    frame_stride: int = 1  # take every n-th frame of a video file
+    steps: int = 1000  # optimizer updates; the learning-rate schedule spans them
+    batch_size: int = 1
+    grad_accum: int = 1  # micro-batches per update
+    lr: float = 1e-4
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to zero at ``steps``
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    ema_decay: float = 0.999  # 0 saves the raw weights; the decay warms up as (1 + n) / (10 + n)
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
+    kl_weight: float = 1e-6  # VAE stage: weight of the per-element KL against the L1 + L2 reconstruction
+    parts: str | None = None  # what trains, "+"-joined from PARTS[stage]; None: DEFAULT_PARTS[stage]
+    gradient_checkpointing: bool = False
+    precision: str | None = None  # None: bf16 autocast on CUDA, fp32 elsewhere
+    device: str | None = None  # None: cuda when available
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int | None = None  # None keeps every checkpoint; only the newest keeps its training state
+    save_dtype: str = "fp32"
+    sample_every: int = 0  # 0: no sample videos
+    sample_prompts: tuple[str, ...] = ()  # empty: the first two captions of the data
+    sample_steps: int = 25
+    sample_guidance: float = 9.0
+    resume: bool = False  # continue from the newest checkpoint in ``out`` (a fresh start when there is none)
+    stop_at: int | None = None  # end this run after that step, keeping the schedule of ``steps`` (train in slices)
+    workers: int = 0  # data-loading processes; 0 loads in the training process
+    progress: bool = True  # a progress line on stderr
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        if self.stage not in STAGES:
+            raise CinematicError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
+        if self.init is not None and self.preset is not None:
+            raise CinematicError("give either an init model or a preset, not both")
+        self._check_counts()
+        self._check_rates()
+        if self.precision not in (None, *PRECISIONS):
+            raise CinematicError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise CinematicError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise CinematicError(f"stop_at must be a step from 1 to steps={self.steps}, not {self.stop_at}")
+        self.trained_parts()  # raises on a bad ``parts``
+
+    def _check_counts(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "frame_stride", "save_every", "sample_steps")
+        at_least_zero = ("warmup_steps", "sample_every", "workers", "seed")
+        optional = ("frames", "height", "width", "keep_checkpoints")
+        for name in positive + at_least_zero + optional:
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            low = 0 if name in at_least_zero else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise CinematicError(f"{name.replace('_', ' ')} must be an integer of at least {low}, not {value!r}")
+
+    def _check_rates(self) -> None:
+        for name in ("lr", "weight_decay", "grad_clip", "kl_weight", "sample_guidance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise CinematicError(f"{name.replace('_', ' ')} must be a finite number >= 0, not {value!r}")
+        if not self.lr > 0:
+            raise CinematicError(f"lr must be positive, not {self.lr!r}")
+        for name in ("ema_decay", "caption_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value < 1:
+                raise CinematicError(f"{name.replace('_', ' ')} must be a number in [0, 1), not {value!r}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise CinematicError(f"adam betas must be two numbers in [0, 1), not {self.adam_betas!r}")
+
+    def trained_parts(self) -> frozenset[str]:
+        """The parts that train, validated: e.g. ``{"unet", "text"}`` or ``{"temporal"}``."""
+        spec = self.parts or DEFAULT_PARTS[self.stage]
+        parts = frozenset(p.strip() for p in spec.split("+"))
+        allowed = PARTS[self.stage]
+        unknown = sorted(parts - set(allowed))
+        if unknown or not parts:
+            raise CinematicError(
+                f"cannot train {spec!r} in the {self.stage} stage: choose parts joined by '+' from {', '.join(allowed)}"
+            )
+        if {"unet", "temporal"} <= parts or {"vae", "decoder"} <= parts:
+            raise CinematicError(f"{spec!r} names a network and a part of it; name one of them")
+        return parts
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        return data

@@ -1,0 +1,349 @@
+"""``train(config) -> Path``: open (or resume) a run, then step, log, checkpoint and sample until it ends.
+
+AdamW with a linear warm-up and cosine decay, gradient clipping, EMA weights, optional gradient checkpointing and
+bf16 autocast. Every random draw is a function of ``(seed, step)``: the data order and clip offsets
+(``data.BatchPlan``), the per-step CPU generator behind caption dropout, posterior samples, ``t`` and ``eps``, and
+the global seed that the networks' own dropout reads, which is reset before every step. So a resumed run continues
+the loss curve of an uninterrupted one exactly (bit for bit on the CPU; on CUDA up to the nondeterminism of some
+cuDNN kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cinematic.errors import CinematicError
+from cinematic.models.components import COMPONENTS, Defaults, Model
+from cinematic.train import data as data_mod
+from cinematic.train.config import TrainConfig
+from cinematic.train.data import MODULES, PREVIEW, STEP, BatchPlan, VideoDataset, derive_seed, generator, loader
+from cinematic.train.setup import select_trainable, starting_config, starting_model, with_clip_size
+from cinematic.train.state import (
+    EMA,
+    STATE_FILE,
+    latest_checkpoint,
+    load_training_state,
+    prepare_out,
+    save_checkpoint,
+    write_final,
+)
+from cinematic.train.unet import SampleFn, prompt_sampler, unet_loss
+from cinematic.train.vae import SCALE_BATCHES, latent_scale, vae_loss, write_reconstructions
+
+LOG_FILE = "log.jsonl"
+RUN_FILE = "run.json"
+SAMPLES_DIR = "samples"
+
+
+def train(config: TrainConfig, *, dataset: VideoDataset | None = None, sample_fn: SampleFn | None = None) -> Path:
+    """Run ``config`` and return the final model folder (``OUT/model``), or the last checkpoint when the run stops
+    early at ``config.stop_at``.
+
+    ``dataset`` replaces ``config.data`` (any ``data.VideoDataset``; its first clip sets the clip size).
+    ``sample_fn(model, step)`` is called every ``config.sample_every`` steps with the EMA weights swapped in and the
+    networks in eval mode; by default it writes sample videos (reconstructions in the VAE stage) to ``OUT/samples``.
+    """
+    device = _device(config.device)
+    prepare_out(config.out, config.resume)
+    checkpoint = latest_checkpoint(config.out) if config.resume else None
+    return Trainer(_open_run(config, dataset, checkpoint, device), sample_fn).fit()
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    model: Model
+    fresh: bool  # randomly initialised (then a VAE stage also sets the VAE's scaling factor)
+    dataset: VideoDataset
+    clip: tuple[int, int, int]  # frames, height, width
+    start_step: int
+    state: dict[str, Any] | None  # the training state resumed from
+    device: torch.device
+
+
+def _device(name: str | None) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CinematicError("--device cuda: no CUDA device is available")
+    return device
+
+
+def _open_run(config: TrainConfig, dataset: VideoDataset | None, checkpoint: Path | None, device: torch.device) -> Run:
+    from cinematic.weights.native import read_native
+
+    state = load_training_state(checkpoint) if checkpoint is not None else None
+    # The clip size defaults to what the starting model was trained on; a preset has not been trained on anything.
+    base: Defaults | None = None
+    if state is not None:
+        _check_same_run(config, state, checkpoint)
+        base = read_native(checkpoint).config.defaults
+    elif config.preset is None:
+        base = starting_config(config).defaults  # also says so when there is nothing to start from
+    dataset, clip, texts = _dataset(config, dataset, base)
+    if state is not None:
+        model, fresh, start = _resumed_model(checkpoint, state, device), bool(state["fresh"]), int(state["step"])
+    else:
+        (model, fresh), start = starting_model(config, texts(), device), 0
+    factor = model.config.vae.downsample_factor
+    if clip[1] % factor or clip[2] % factor:
+        raise CinematicError(f"clips of {clip[2]}x{clip[1]} pixels: width and height must be multiples of {factor}")
+    model.config = with_clip_size(model.config, *clip)
+    return Run(config, model, fresh, dataset, clip, start, state, device)
+
+
+def _check_same_run(config: TrainConfig, state: dict[str, Any], checkpoint: Path) -> None:
+    if state["stage"] != config.stage or frozenset(state["parts"]) != config.trained_parts():
+        raise CinematicError(
+            f"--resume: {checkpoint.name} trained {'+'.join(state['parts'])} in the {state['stage']} stage, not "
+            f"{'+'.join(sorted(config.trained_parts()))} in the {config.stage} stage"
+        )
+
+
+def _dataset(
+    config: TrainConfig, dataset: VideoDataset | None, base: Defaults | None
+) -> tuple[VideoDataset, tuple[int, int, int], Callable[[], Sequence[str]]]:
+    """The dataset, its clip size (frames, height, width), and the texts a new tokenizer would learn from."""
+    if dataset is not None:
+        if len(dataset) == 0:
+            raise CinematicError("the training dataset is empty")
+        _, frames, height, width = dataset[0]["video"].shape
+        return dataset, (frames, height, width), lambda: data_mod.vocabulary_texts(dataset)
+    shapes = config.data == "shapes"
+    fallback = (data_mod.SHAPES_FRAMES, data_mod.SHAPES_SIZE) if shapes else (data_mod.FILE_FRAMES, data_mod.FILE_SIZE)
+    frames = config.frames or (base.frames if base else fallback[0])
+    height = config.height or (base.height if base else fallback[1])
+    width = config.width or (base.width if base else fallback[1])
+    if shapes:
+        if height != width:
+            raise CinematicError(f"shapes clips are square; got height {height} and width {width}")
+        generated, vocabulary = data_mod.shapes(frames, height, config.seed)
+        return generated, (frames, height, width), lambda: vocabulary
+    files = data_mod.VideoFiles.from_captions(config.data, frames, height, width, config.frame_stride)
+    return files, (frames, height, width), lambda: files.captions
+
+
+def _resumed_model(checkpoint: Path, state: dict[str, Any], device: torch.device) -> Model:
+    """The checkpoint's networks with their raw (not averaged) weights, and its tokenizer."""
+    from cinematic.tokenizer import Tokenizer
+    from cinematic.weights import build_networks
+    from cinematic.weights.files import load_into
+    from cinematic.weights.native import read_native
+
+    source = read_native(checkpoint)
+    networks = build_networks(source.config)
+    for name, network in networks.items():
+        load_into(network, dict(state["networks"][name]), f"{checkpoint / STATE_FILE} ({name})", torch.float32, device)
+    tokenizer = Tokenizer.from_folder(checkpoint / "tokenizer", source.config.text_encoder.context_length)
+    return Model(source.config, **networks, tokenizer=tokenizer, source=str(checkpoint), format="cinematic")
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """The rate of update ``step`` (0-based): linear warm-up over ``warmup`` updates, then cosine decay to zero."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Trainer:
+    """One open run: the trainable parameters, optimizer, EMA and loss of its stage."""
+
+    def __init__(self, run: Run, sample_fn: SampleFn | None):
+        self.run, self.config, self.model = run, run.config, run.model
+        c, model = run.config, run.model
+        _own_storage(model)
+        self.trainable = select_trainable(model, c.stage, c.trained_parts())
+        self.params = [p for named in self.trainable.values() for _, p in named]
+        if not self.params:
+            raise CinematicError(f"{c.parts or c.stage}: this model has no such parameters to train")
+        model.unet.gradient_checkpointing = model.vae.gradient_checkpointing = c.gradient_checkpointing
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay)
+        self.ema = EMA(self.trainable, c.ema_decay)
+        if run.state is not None:
+            self.optimizer.load_state_dict(run.state["optimizer"])
+            self.ema.load_state_dict(run.state["ema"])
+        self.tokenizer_dir = model.tokenizer.save(c.out / "tokenizer")
+        self.precision = c.precision or ("bf16" if run.device.type == "cuda" else "fp32")
+        self.alpha_bar = _alpha_bar(model)
+        self._preview: list[dict[str, Any]] | None = None
+        self.sample_fn = sample_fn if sample_fn is not None or not c.sample_every else self._default_sampler()
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def loss(self, batch: dict[str, Any], rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        if c.stage == "vae":
+            return vae_loss(self.model, batch, rng, c.kl_weight, self.autocast)
+        return unet_loss(self.model, batch, rng, self.alpha_bar, c.caption_dropout, self.autocast)
+
+    def fit(self) -> Path:
+        c, start = self.config, self.run.start_step
+        stop = c.stop_at or c.steps
+        if start >= stop:
+            latest = latest_checkpoint(c.out)
+            return write_final(c.out, latest) if start >= c.steps else latest
+        self._announce(start, stop)
+        plan = BatchPlan(len(self.run.dataset), c.batch_size, c.grad_accum, c.seed, start, stop)
+        batches = loader(self.run.dataset, plan, c.workers, pin=self.run.device.type == "cuda")
+        bar = _progress(stop - start, f"training {c.stage}") if c.progress else None
+        checkpoint = None
+        with self._log(start) as log:
+            for step in range(start, stop):
+                metrics = self.step(step, [next(batches) for _ in range(c.grad_accum)])
+                done = step + 1
+                log.write(json.dumps({"step": done, **metrics}) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.update(loss=metrics["loss"], lr=metrics["lr"])
+                if done % c.save_every == 0 or done == stop:
+                    checkpoint = self.save(done)
+                if self.sample_fn is not None and c.sample_every and done % c.sample_every == 0:
+                    self.sample(done)
+        if bar is not None:
+            bar.close()
+        return write_final(c.out, checkpoint) if stop == c.steps else checkpoint
+
+    def step(self, step: int, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer update over the micro-batches of ``step`` (0-based); returns the averaged metrics."""
+        c = self.config
+        lr = learning_rate(step, c.lr, c.warmup_steps, c.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(derive_seed(c.seed, MODULES, step))  # the networks' dropout (CPU and CUDA)
+        totals: dict[str, float] = {}
+        for micro, batch in enumerate(batches):
+            loss, extra = self.loss(batch, generator(c.seed, STEP, step, micro))
+            (loss / len(batches)).backward()
+            for key, value in {"loss": loss.item(), **extra}.items():
+                totals[key] = totals.get(key, 0.0) + value / len(batches)
+        if not math.isfinite(totals["loss"]):
+            raise CinematicError(
+                f"the loss is {totals['loss']} at step {step + 1}; lower --lr and resume from the last checkpoint"
+            )
+        norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(step)
+        return {**totals, "lr": lr, "grad_norm": float(norm)}
+
+    def save(self, done: int) -> Path:
+        c, model = self.config, self.model
+        if self.run.fresh and c.stage == "vae":
+            self._rescale_latents()
+        state = {
+            "step": done,
+            "stage": c.stage,
+            "parts": sorted(c.trained_parts()),
+            "fresh": self.run.fresh,
+            "networks": {name: getattr(model, name).state_dict() for name in COMPONENTS},
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        keep = c.keep_checkpoints
+        return save_checkpoint(c.out, done, model, self.ema, state, self.tokenizer_dir, c.save_dtype, keep)
+
+    def sample(self, done: int) -> None:
+        """``sample_fn`` on the EMA weights in eval mode; the training state is left exactly as it was."""
+        networks = [getattr(self.model, name) for name in COMPONENTS]
+        modes = [network.training for network in networks]
+        for network in networks:
+            network.eval()
+        try:
+            with self.ema.swapped(), torch.no_grad():
+                self.sample_fn(self.model, done)
+        finally:
+            for network, mode in zip(networks, modes):
+                network.train(mode)
+
+    def preview_batches(self) -> list[dict[str, Any]]:
+        """A fixed few batches, the same at every checkpoint, for the latent scale and the reconstructions."""
+        if self._preview is None:
+            c = self.config
+            plan = BatchPlan(len(self.run.dataset), c.batch_size, 1, derive_seed(c.seed, PREVIEW), 0, SCALE_BATCHES)
+            self._preview = list(loader(self.run.dataset, plan))
+        return self._preview
+
+    def _rescale_latents(self) -> None:
+        with self.ema.swapped():
+            scale = latent_scale(self.model, self.preview_batches(), generator(self.config.seed, PREVIEW))
+        vae_config = dataclasses.replace(self.model.config.vae, scaling_factor=scale)
+        self.model.config = dataclasses.replace(self.model.config, vae=vae_config)
+        self.model.vae.config = vae_config
+
+    def _default_sampler(self) -> SampleFn | None:
+        c, folder = self.config, self.config.out / SAMPLES_DIR
+        fps = self.model.config.defaults.fps
+        if c.stage == "vae":
+
+            def reconstruct(model: Model, step: int) -> None:
+                folder.mkdir(parents=True, exist_ok=True)
+                batch = self.preview_batches()[0]
+                batch = {"video": batch["video"][:2], "caption": batch["caption"][:2]}
+                write_reconstructions(model, batch, folder / f"step-{step:06d}.mp4", fps)
+
+            return reconstruct
+        prompts = c.sample_prompts or _first_captions(self.run.dataset, 2)
+        return prompt_sampler(folder, prompts, self.run.clip, c.sample_steps, c.sample_guidance, c.seed)
+
+    def _log(self, start: int):
+        """``OUT/log.jsonl``, one line per update; lines past ``start`` (from an interrupted run) are dropped."""
+        path = self.config.out / LOG_FILE
+        kept = []
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+        (self.config.out / RUN_FILE).write_text(json.dumps({**self.config.to_json(), "start_step": start}, indent=2))
+        return path.open("a")
+
+    def _announce(self, start: int, stop: int) -> None:
+        if not self.config.progress:
+            return
+        c, run = self.config, self.run
+        trained = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for name in COMPONENTS for p in getattr(self.model, name).parameters())
+        what = "+".join(sorted(c.trained_parts()))
+        source = "resumed from step " + str(start) if run.state else (c.init or f"fresh {c.preset}")
+        print(
+            f"training {what} ({trained:,} of {total:,} parameters), {source}; {len(run.dataset):,} clips of "
+            f"{run.clip[0]}x{run.clip[1]}x{run.clip[2]}, batch {c.batch_size}x{c.grad_accum}, steps {start}->{stop}, "
+            f"{run.device.type} {self.precision}",
+            file=sys.stderr,
+        )
+
+
+def _own_storage(model: Model) -> None:
+    """Give every weight its own freshly allocated storage. Weights read from a safetensors file are views into
+    one buffer at arbitrary offsets, and some CPU kernels round differently on differently aligned data, which
+    would make a run started from a file and a run resumed from a checkpoint differ in the last bit."""
+    with torch.no_grad():
+        for name in COMPONENTS:
+            for tensor in [*getattr(model, name).parameters(), *getattr(model, name).buffers()]:
+                tensor.data = tensor.data.clone()
+
+
+def _alpha_bar(model: Model) -> torch.Tensor:
+    from cinematic.diffusion.schedule import alpha_bar_scaled_linear
+
+    s = model.config.schedule
+    return alpha_bar_scaled_linear(s.beta_start, s.beta_end, s.num_train_timesteps)
+
+
+def _first_captions(dataset: VideoDataset, count: int) -> tuple[str, ...]:
+    captions = getattr(dataset, "captions", None) or [dataset[i]["caption"] for i in range(min(count, len(dataset)))]
+    return tuple(list(dict.fromkeys(captions))[:count])
+
+
+def _progress(total: int, label: str):
+    from cinematic.progress import Progress
+
+    return Progress(total, label)

@@ -1,0 +1,93 @@
+"""The UNet stage: ε-prediction on frozen VAE latents (DDPM, Ho et al. 2020, eq. 14), and sample videos.
+
+``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` at ``t`` uniform over the training schedule, and the
+loss is ``mean (eps_theta(x_t, t, text) - eps)^2``. Captions are dropped to "" at random so the same network also
+learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cinematic.models.components import Model
+
+SampleFn = Callable[[Model, int], None]
+
+
+def unet_loss(
+    model: Model,
+    batch: dict[str, Any],
+    rng: torch.Generator,
+    alpha_bar: torch.Tensor,
+    caption_dropout: float,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The ε-prediction loss of one batch. Every draw (dropped captions, posterior sample, ``t``, ``eps``) comes
+    from ``rng``, on the CPU, in that order. The frozen VAE encodes in float32; text encoder and UNet run under
+    ``autocast``."""
+    device = model.unet.conv_in.weight.device
+    video = batch["video"].to(device)
+    b = video.shape[0]
+    dropped = (torch.rand(b, generator=rng) < caption_dropout).tolist()
+    captions = ["" if drop else caption for caption, drop in zip(batch["caption"], dropped)]
+    with torch.no_grad():
+        x0 = model.vae.encode_video(video, generator=rng).float()  # [B,4,F,h,w], scaled
+    t = torch.randint(0, alpha_bar.shape[0], (b,), generator=rng)
+    eps = torch.randn(x0.shape, generator=rng)
+    signal = alpha_bar[t].sqrt().float().view(b, 1, 1, 1, 1)  # coefficients in float64, applied in float32
+    noise = (1.0 - alpha_bar[t]).sqrt().float().view(b, 1, 1, 1, 1)
+    eps = eps.to(device)
+    x_t = signal.to(device) * x0 + noise.to(device) * eps
+    tokens = model.tokenizer(captions).to(device)
+    text_trains = any(p.requires_grad for p in model.text_encoder.parameters())
+    with autocast():
+        with torch.set_grad_enabled(text_trains):
+            context = model.text_encoder(tokens)
+        pred = model.unet(x_t, t.to(device, torch.float32), context)
+    return F.mse_loss(pred.float(), eps), {}
+
+
+def prompt_sampler(
+    folder: Path,
+    prompts: Sequence[str],
+    clip: tuple[int, int, int],
+    steps: int,
+    guidance: float,
+    seed: int,
+) -> SampleFn | None:
+    """A ``sample_fn`` writing ``folder/step-<step>-<i>.mp4`` for each prompt with ``cinematic.pipeline``; None
+    (with a note on stderr) when that module is not available."""
+    try:
+        from cinematic.pipeline import Pipeline
+    except ImportError as e:
+        print(f"note: no sample videos during training: cinematic.pipeline is not available ({e})", file=sys.stderr)
+        return None
+    frames, height, width = clip
+
+    def sample(model: Model, step: int) -> None:
+        from cinematic import video
+
+        folder.mkdir(parents=True, exist_ok=True)
+        pipe = Pipeline(model, device=model.unet.conv_in.weight.device, dtype=torch.float32)
+        for i, prompt in enumerate(prompts):
+            out = pipe(
+                prompt,
+                num_frames=frames,
+                height=height,
+                width=width,
+                steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+                progress=False,
+            )
+            path = folder / f"step-{step:06d}-{i:02d}.mp4"
+            video.write(path, out.frames, fps=out.fps, metadata={**out.metadata, "training_step": step})
+
+    return sample
