@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cinematic.errors import CinematicError
 
@@ -47,12 +48,102 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({args.dtype})")
 
 
+def _output_paths(output: str | None, prompt: str, seed: int, count: int) -> list[Path]:
+    """``-o clip.mp4`` names the video; several videos get ``clip-1.mp4``, ``clip-2.mp4``...; the default name is
+    made from the prompt and the seed."""
+    if output is None:
+        slug = "-".join("".join(c if c.isalnum() else " " for c in prompt.lower()).split()[:8]) or "video"
+        output = f"{slug}-{seed}.mp4"
+    path = Path(output).expanduser()
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+
+
+def _check_outputs(paths: list[Path], overwrite: bool) -> None:
+    from cinematic import video
+
+    for path in paths:
+        video.check_writable(path)
+        if path.exists() and not overwrite:
+            raise CinematicError(f"{path} already exists; pass --overwrite to replace it or choose another name")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from cinematic.pipeline import check_guidance, check_sampler, random_seed
+
+    if not args.prompt.strip():
+        raise CinematicError("the prompt is empty; describe the video to generate")
+    check_sampler(args.sampler)
+    check_guidance(args.guidance)
+    if args.steps < 1 or args.frames is not None and args.frames < 1 or args.num_videos < 1:
+        raise CinematicError("--steps, --frames and --num-videos must be at least 1")
+    if args.fps is not None and not 0 < args.fps <= 240:
+        raise CinematicError(f"--fps must be between 0 and 240, not {args.fps}")
+    seed = random_seed() if args.seed is None else args.seed
+    paths = _output_paths(args.output, args.prompt, seed, args.num_videos)
+    _check_outputs(paths, args.overwrite)  # before any heavy work: a bad name fails in a second, not after sampling
+    if args.seed is None:
+        print(f"seed: {seed}", file=sys.stderr)
+
+    import torch
+
+    from cinematic.pipeline import Pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    pipe = Pipeline.from_pretrained(
+        args.model, device=device, dtype=getattr(torch, DTYPES[dtype]), tokenizer=args.tokenizer
+    )
+    defaults = pipe.model.config.defaults
+    videos = pipe(
+        args.prompt,
+        negative_prompt=args.negative,
+        num_frames=args.frames or defaults.frames,
+        height=args.height or defaults.height,
+        width=args.width or defaults.width,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=seed,
+        sampler=args.sampler,
+        eta=args.eta,
+        num_videos=args.num_videos,
+        low_memory=args.low_memory,
+    )
+    for clip, path in zip(videos if isinstance(videos, list) else [videos], paths):
+        if args.fps is not None:
+            clip.fps = clip.metadata["fps"] = args.fps
+        print(f"wrote {clip.save(path)} (seed {clip.metadata['seed']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cinematic", description="Text-to-video with the ModelScope text-to-video-ms-1.7b model family."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = commands.add_parser("generate", help="generate a video from a text prompt")
+    gen.add_argument("prompt", help="what the video shows, in English")
+    gen.add_argument("-o", "--output", help="output file: .mp4 (default), .webm, .gif, .webp, or a folder for PNGs")
+    gen.add_argument("--model", default="shapes", help="bundled name, model folder or hub id (default: shapes)")
+    gen.add_argument("--negative", help="negative prompt (default: the empty prompt, as the original)")
+    gen.add_argument("--frames", type=int, help="number of frames (default: the model's, 16)")
+    gen.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the model's)")
+    gen.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the model's)")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    gen.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
+    gen.add_argument("--seed", type=int, help="random seed (default: drawn and printed)")
+    gen.add_argument("--sampler", default="ddim", help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral")
+    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    gen.add_argument("--num-videos", type=int, default=1, help="videos to make; video i uses seed + i")
+    gen.add_argument("--fps", type=float, help="frame rate of the file (default: the model's, 8)")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), help="weights precision (default: fp32 on CPU, fp16 on GPU)")
+    gen.add_argument("--low-memory", action="store_true", help="run the two guidance passes one after the other")
+    gen.add_argument("--tokenizer", help="folder with vocab.json and merges.txt, for ModelScope folders without one")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.set_defaults(run=cmd_generate)
 
     info = commands.add_parser("info", help="describe a model: format, parameters, dtypes and file sizes")
     info.add_argument("model", help="a model folder (any layout), a bundled model name, or a hub id")
@@ -81,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; no output file was written", file=sys.stderr)
         return 130
     return 0
 
