@@ -1,6 +1,6 @@
 """Load time and peak memory: cinematic's ``load`` against diffusers' ``TextToVideoSDPipeline.from_pretrained``.
 
-    python benchmarks/load.py --preset tiny          # seconds, a smoke run
+    python benchmarks/load.py --preset tiny          # a smoke run: ~3 min, ~1 with --repeats 1
     python benchmarks/load.py --preset full --json load.json
 
 The first run writes a random-weight model of the preset's size (once, cached under ``--workdir``) in two layouts:

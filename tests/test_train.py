@@ -23,7 +23,7 @@ from cinematic.train.setup import TEMPORAL_MODULES
 from cinematic.weights import load
 
 CLIP = {"frames": 4, "height": 32, "width": 32}
-FAST = {"batch_size": 2, "lr": 2e-3, "warmup_steps": 2, "progress": False, **CLIP}
+FAST = {"batch_size": 2, "lr": 4e-3, "warmup_steps": 2, "progress": False, **CLIP}
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def vae_run(tmp_path_factory) -> Path:
 
 
 def test_vae_stage_loss_goes_down_and_sets_the_latent_scale(vae_run: Path):
-    assert_went_down(losses(vae_run), 0.7)
+    assert_went_down(losses(vae_run), 0.7)  # 0.43 to 0.50 for seeds 0, 1, 2
     scale = json.loads((vae_run / "model" / "model.json").read_text())["vae"]["scaling_factor"]
     assert scale != 0.18215 and 0.05 < scale < 20  # 1 / std of this VAE's latents, not SD's factor
     assert (vae_run / "samples" / "step-000030.mp4").is_file()  # originals | reconstructions
@@ -64,7 +64,7 @@ def test_unet_stage_loss_goes_down(vae_run: Path, tmp_path: Path):
     clips = ShapesDataset(size=32, frames=4, length=2)
     config = TrainConfig(tmp_path / "run", preset="tiny", vae=str(vae_run / "model"), steps=40, save_every=40, **FAST)
     train(config, dataset=clips)
-    assert_went_down(losses(tmp_path / "run"), 0.75)
+    assert_went_down(losses(tmp_path / "run"), 0.8)  # 0.57 to 0.67 for seeds 0, 1, 2
 
 
 def test_resume_continues_the_same_run_and_checkpoints_are_models(vae_run: Path, tmp_path: Path):
@@ -151,6 +151,17 @@ def test_sample_hook_sees_ema_weights_every_n_steps(vae_run: Path, tmp_path: Pat
     config = TrainConfig(tmp_path / "run", init=str(vae_run / "model"), steps=4, sample_every=2, **FAST)
     train(config, sample_fn=sample_fn)
     assert calls == [2, 4]
+
+
+def test_gradient_checkpointing_and_bf16_keep_the_loss(vae_run: Path, tmp_path: Path):
+    common = {"init": str(vae_run / "model"), "steps": 2, **FAST}
+    train(TrainConfig(tmp_path / "plain", **common))
+    train(TrainConfig(tmp_path / "checkpointed", gradient_checkpointing=True, **common))
+    train(TrainConfig(tmp_path / "bf16", precision="bf16", steps=1, init=common["init"], **FAST))
+    plain = losses(tmp_path / "plain")
+    # Recomputation replays the same dropout masks (checkpoint restores the RNG), so the result is the same.
+    np.testing.assert_allclose(losses(tmp_path / "checkpointed"), plain, rtol=1e-6)
+    np.testing.assert_allclose(losses(tmp_path / "bf16"), plain[:1], rtol=0.05)
 
 
 def bad_config(out: Path, data: str) -> TrainConfig:

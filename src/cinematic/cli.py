@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.set_defaults(run=cmd_generate)
 
+    from cinematic.train.cli import add_train_parser
+
+    add_train_parser(commands)
+
     info = commands.add_parser("info", help="describe a model: format, parameters, dtypes and file sizes")
     info.add_argument("model", help="a model folder (any layout), a bundled model name, or a hub id")
     info.set_defaults(run=cmd_info)

@@ -91,8 +91,5 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cinematic.train.loop import train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {key: value for key, value in vars(args).items() if key in fields}
-    if "sample_prompts" in given:
-        given["sample_prompts"] = tuple(given["sample_prompts"])
-    path = train(TrainConfig(**given))
+    path = train(TrainConfig(**{key: value for key, value in vars(args).items() if key in fields}))
     print(f"wrote {path}")

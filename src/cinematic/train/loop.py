@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,8 @@ def _open_run(config: TrainConfig, dataset: VideoDataset | None, checkpoint: Pat
     if state is not None:
         model, fresh, start = _resumed_model(checkpoint, state, device), bool(state["fresh"]), int(state["step"])
     else:
-        (model, fresh), start = starting_model(config, texts(), device), 0
+        model, fresh = starting_model(config, texts(), device)
+        start = 0
     factor = model.config.vae.downsample_factor
     if clip[1] % factor or clip[2] % factor:
         raise CinematicError(f"clips of {clip[2]}x{clip[1]} pixels: width and height must be multiples of {factor}")
@@ -199,9 +201,11 @@ class Trainer:
         checkpoint = None
         with self._log(start) as log:
             for step in range(start, stop):
+                began = time.perf_counter()
                 metrics = self.step(step, [next(batches) for _ in range(c.grad_accum)])
                 done = step + 1
-                log.write(json.dumps({"step": done, **metrics}) + "\n")
+                seconds = time.perf_counter() - began  # data loading included
+                log.write(json.dumps({"step": done, **metrics, "seconds": round(seconds, 4)}) + "\n")
                 log.flush()
                 if bar is not None:
                     bar.update(loss=metrics["loss"], lr=metrics["lr"])
