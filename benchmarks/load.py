@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     ours = [r for r in results if r["loader"] == "cinematic"]
     worst = max(ours, key=lambda r: r["ratio"])
     verdict = "meets" if worst["ratio"] <= TARGET else "misses"
+    if args.preset == "tiny":  # kilobytes of weights: the peak is fixed overhead (imports), not the weights
+        verdict = "(not meaningful for the tiny preset) would miss" if worst["ratio"] > TARGET else verdict
     print(
         f"\ncinematic's worst peak Δ / weights: {worst['ratio']:.2f} ({worst['layout']} {worst['dtype']}): "
         f"{verdict} the {TARGET}x target. peak Δ = ru_maxrss after load and touch - RSS before the load."
