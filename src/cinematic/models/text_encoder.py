@@ -128,7 +128,7 @@ class TextEncoder(nn.Module):
     def _init_weights(self) -> None:
         # OpenCLIP's TextTransformer.init_parameters, for training from scratch: small embeddings, and residual
         # output projections shrunk by sqrt(2 * layers) so the residual stream does not grow with depth.
-        # Loading a checkpoint overwrites all of it; on the meta device it costs nothing.
+        # Loading a checkpoint overwrites all of it, and cinematic.weights.build_networks skips it altogether.
         cfg = self.cfg
         attn_std = cfg.width**-0.5
         proj_std = attn_std * (2 * cfg.layers) ** -0.5

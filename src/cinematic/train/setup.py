@@ -82,7 +82,7 @@ def load_vae(model: str, device: torch.device) -> tuple[nn.Module, ModelConfig]:
     source = open_source(model)
     with torch.device("meta"):
         vae = VAE(source.config.vae)
-    load_into(vae, source.readers["vae"](), str(source.files["vae"]), torch.float32, device)
+    load_into(vae, source.readers["vae"](torch.float32), str(source.files["vae"]), torch.float32, device)
     return vae, source.config
 
 

@@ -6,6 +6,7 @@ never holds a randomly initialised copy beside the real weights.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -86,8 +87,23 @@ def build_networks(config, device: torch.device | str = "cpu"):
     from cinematic.models.unet3d import UNet3D
     from cinematic.models.vae import VAE
 
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         return {"unet": UNet3D(config.unet), "text_encoder": TextEncoder(config.text_encoder), "vae": VAE(config.vae)}
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """No weight initialisation while building on meta: the weights are about to be assigned, and some initialisers
+    (nn.Embedding's normal_) make PyTorch import torch._dynamo for meta tensors, which costs seconds."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def load(
@@ -106,7 +122,7 @@ def load(
     vocab = Tokenizer.from_folder(tokenizer_folder(source, tokenizer))
     networks = build_networks(source.config)
     for name, network in networks.items():
-        load_into(network, source.readers[name](), f"{source.files[name]}", dtype, device)
+        load_into(network, source.readers[name](dtype), f"{source.files[name]}", dtype, device)
         network.eval()
     return Model(source.config, **networks, tokenizer=vocab, source=str(source.folder), format=source.format)
 
@@ -123,7 +139,7 @@ def convert(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16
 
     def checked(name: str):
         def read():
-            state = source.readers[name]()
+            state = source.readers[name](dtype)
             check_state_dict(networks[name], state, str(source.files[name]))
             return state
 

@@ -203,8 +203,8 @@ def read_diffusers(folder: Path, variant: str | None = None) -> Source:
         config = replace(config, defaults=replace(config.defaults, height=size, width=size))
     files = {c: find_weight_file(folder / c, c, variant) for c in ("unet", "text_encoder", "vae")}
     readers = {
-        "unet": lambda: read_weights(files["unet"]),
-        "vae": lambda: read_weights(files["vae"]),
-        "text_encoder": lambda: strip_text_model_prefix(read_weights(files["text_encoder"])),
+        "unet": lambda dtype=None: read_weights(files["unet"], dtype),
+        "vae": lambda dtype=None: read_weights(files["vae"], dtype),
+        "text_encoder": lambda dtype=None: strip_text_model_prefix(read_weights(files["text_encoder"], dtype)),
     }
     return Source("diffusers", folder, config, files, readers, folder / "tokenizer")

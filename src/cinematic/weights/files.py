@@ -25,16 +25,47 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CinematicError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_safetensors(path: Path) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_SAFETENSORS_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> StateDict:
+    """Read a safetensors file tensor by tensor into memory of its own, casting floats to ``dtype`` on the way.
+
+    Reading with plain file reads instead of a memory map keeps the peak at the loaded weights plus one tensor:
+    a mapped file stays resident until its last tensor is freed, so an fp16 file cast to fp32 would otherwise
+    hold both copies at once.
+    """
+    path = Path(path)
     try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise CinematicError(f"{path} is not a valid safetensors file (truncated or corrupt): {e}") from None
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            file_size = path.stat().st_size
+            if not 2 <= size <= file_size - 8:
+                raise ValueError("header length is out of range")
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            state: StateDict = {}
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                if 8 + size + end > file_size:
+                    raise ValueError(f"tensor {key} runs past the end of the file")
+                buffer = torch.empty(end - start, dtype=torch.uint8)
+                f.seek(8 + size + start)
+                if f.readinto(memoryview(buffer.numpy())) != end - start:
+                    raise ValueError(f"tensor {key} is cut short")
+                tensor = buffer.view(_SAFETENSORS_TORCH[info["dtype"]]).reshape(info["shape"])
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                state[key] = tensor
+            return state
     except FileNotFoundError:
         raise CinematicError(f"missing file: {path}") from None
+    except (ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
+        raise CinematicError(f"{path} is not a valid safetensors file (truncated or corrupt): {e}") from None
 
 
 def read_torch(path: Path) -> StateDict:
@@ -60,17 +91,17 @@ def read_torch(path: Path) -> StateDict:
     return data
 
 
-def read_weights(path: Path) -> StateDict:
+def read_weights(path: Path, dtype: torch.dtype | None = None) -> StateDict:
     """Any single weights file by extension; a sharded ``*.index.json`` reads all its shards."""
     path = Path(path)
     if path.name.endswith(".index.json"):
         shards = sorted(set(read_json(path).get("weight_map", {}).values()))
         state: StateDict = {}
         for shard in shards:
-            state.update(read_weights(path.parent / shard))
+            state.update(read_weights(path.parent / shard, dtype))
         return state
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, dtype)
     return read_torch(path)
 
 

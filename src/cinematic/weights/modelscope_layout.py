@@ -135,8 +135,9 @@ def read_modelscope(folder: Path) -> Source:
         defaults=Defaults(frames=int(args.get("max_frames", 16))),
     )
     readers = {
-        "unet": lambda: convert_modelscope_unet(read_torch(files["unet"]), unet_config),
-        "text_encoder": lambda: convert_openclip_text(clip_state, text_config.layers),
-        "vae": lambda: convert_ldm_vae(vae_state),
+        # torch files are memory-mapped; load_into casts them one tensor at a time.
+        "unet": lambda dtype=None: convert_modelscope_unet(read_torch(files["unet"]), unet_config),
+        "text_encoder": lambda dtype=None: convert_openclip_text(clip_state, text_config.layers),
+        "vae": lambda dtype=None: convert_ldm_vae(vae_state),
     }
     return Source("modelscope", folder, config, files, readers, find_tokenizer(folder))

@@ -30,7 +30,7 @@ def read_native(folder: Path) -> Source:
     for path in files.values():
         if not path.is_file():
             raise CinematicError(f"{folder}: missing {path.name}")
-    readers = {c: (lambda p=p: read_safetensors(p)) for c, p in files.items()}
+    readers = {c: (lambda dtype=None, p=p: read_safetensors(p, dtype)) for c, p in files.items()}
     return Source("cinematic", folder, config, files, readers, folder / "tokenizer")
 
 

@@ -18,7 +18,8 @@ class Source:
     folder: Path
     config: ModelConfig
     files: dict[str, Path]  # component -> weights file
-    readers: dict[str, Callable[[], StateDict]]  # component -> our keys, in the file's dtype
+    # component -> reader(dtype=None) giving our keys; floats cast to dtype where the reader can do it on the way
+    readers: dict[str, Callable[..., StateDict]]
     tokenizer: Path | None  # a folder holding vocab.json and merges.txt, if the layout has one
 
 
