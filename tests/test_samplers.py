@@ -24,22 +24,13 @@ from cinematic.diffusion import SAMPLERS, classifier_free_guidance, sample
 from cinematic.diffusion import schedule as sch
 from cinematic.diffusion.samplers import sample_dpmpp_2m, sample_euler
 from cinematic.errors import CinematicError
+from tests.factories import SCHEDULER_CONFIG
 
-# The published scheduler_config.json of text-to-video-ms-1.7b (a DDIMScheduler). The DPM and Euler schedulers are
-# built from the same dict; `from_config(pipe.scheduler.config)` gives them the same settings, because diffusers does
-# not pass DDIM's default-filled `timestep_spacing="leading"` on, so each keeps its own default, "linspace".
-PUBLISHED = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "thresholding": False,
-    "skip_prk_steps": True,
-}
+# The published scheduler_config.json of text-to-video-ms-1.7b (a DDIMScheduler; see tests.factories). The DPM and
+# Euler schedulers are built from the same dict; `from_config(pipe.scheduler.config)` gives them the same settings,
+# because diffusers does not pass DDIM's default-filled `timestep_spacing="leading"` on, so each keeps its own
+# default, "linspace".
+PUBLISHED = SCHEDULER_CONFIG
 SHAPE = (2, 4, 3, 4, 5)  # B C F H W
 ALPHA_BAR = sch.alpha_bar_scaled_linear()
 
