@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
 
+    from cinematic.eval.cli import add_eval_parser
+
+    add_eval_parser(commands)
+
     info = commands.add_parser("info", help="describe a model: format, parameters, dtypes and file sizes")
     info.add_argument("model", help="a model folder (any layout), a bundled model name, or a hub id")
     info.set_defaults(run=cmd_info)

@@ -1,0 +1,134 @@
+"""The ``cinematic eval`` sub-command: generate shapes videos for every caption, judge them, print the table.
+
+Video ``s`` of each caption is generated with seed ``s``, exactly as ``cinematic generate CAPTION --seed s`` would
+make it, so any cell of the table can be reproduced by hand. Captions are generated in batches (one sampler run
+for many captions), which on a CPU is several times faster than one call per video. Importing this module does not
+import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cinematic.errors import CinematicError
+
+DEFAULT_BATCH = 48  # captions per sampler run: all 48 shapes captions at once
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``eval`` to the ``cinematic`` sub-commands; ``args.run(args)`` runs it."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="judge a model on the shapes captions: colour, shape and direction accuracy, seen and held out",
+        description="Generate --seeds videos for each shapes caption (the 40 seen in training and the 8 held "
+        "out), judge each with cinematic.eval.judge, print a markdown table and optionally write JSON.",
+    )
+    parser.add_argument("--model", default="shapes", help="bundled name, model folder or hub id (default: shapes)")
+    parser.add_argument("--seeds", type=int, default=4, help="videos per caption; video s uses seed s (default 4)")
+    parser.add_argument("--captions", nargs="+", help="judge only these captions (default: all 48)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
+    parser.add_argument("--sampler", default="ddim", help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="captions per sampler run (default 48)")
+    parser.add_argument("--json", type=Path, help="write the report (and the settings) to this JSON file")
+    parser.add_argument("--save-videos", type=Path, metavar="DIR", help="also write every video to DIR as .mp4")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
+    parser.set_defaults(run=cmd_eval)
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    from cinematic.data.shapes import ALL_CAPTIONS, parse_caption
+    from cinematic.pipeline import check_guidance, check_sampler
+
+    check_sampler(args.sampler)
+    check_guidance(args.guidance)
+    for name in ("seeds", "steps", "batch"):
+        if getattr(args, name) < 1:
+            raise CinematicError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    captions = list(dict.fromkeys(args.captions or ALL_CAPTIONS))
+    for caption in captions:
+        parse_caption(caption)
+    return captions
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from cinematic.eval.judge import evaluate
+
+    captions = _check_args(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = same_seed_pipeline(args.model, device)
+    began = time.perf_counter()
+    videos: dict[str, list] = {caption: [] for caption in captions}
+    for seed in range(args.seeds):
+        for first in range(0, len(captions), args.batch):
+            chunk = captions[first : first + args.batch]
+            for caption, frames in zip(chunk, generate(pipe, chunk, seed, args.steps, args.guidance, args.sampler)):
+                videos[caption].append(frames)
+        print(f"seed {seed}: {len(captions)} videos, {time.perf_counter() - began:.0f} s so far", file=sys.stderr)
+    seconds = time.perf_counter() - began
+    if args.save_videos is not None:
+        _save(videos, args.save_videos, pipe.model.config.defaults.fps)
+    report = evaluate(videos)
+    print(report.table())
+    count = len(captions) * args.seeds
+    print(f"{count} videos in {seconds:.0f} s ({seconds / count:.2f} s per video, batched)", file=sys.stderr)
+    if args.json is not None:
+        settings = {
+            "model": str(args.model),
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "sampler": args.sampler,
+            "device": device,
+            "seconds": round(seconds, 1),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": settings, **report.to_json()}, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+def generate(pipe: Any, captions: Sequence[str], seed: int, steps: int, guidance: float, sampler: str) -> list:
+    """One video per caption, each from the noise of ``seed``, at the model's trained clip size: uint8 numpy
+    ``[F, H, W, 3]`` each."""
+    d = pipe.model.config.defaults
+    request = pipe.validate(
+        list(captions), num_frames=d.frames, height=d.height, width=d.width, steps=steps, guidance_scale=guidance,
+        seed=seed, sampler=sampler,
+    )  # fmt: skip
+    frames = pipe.decode(pipe.sample(request, progress=False))
+    return [f.cpu().numpy() for f in frames]
+
+
+def _save(videos: dict[str, list], folder: Path, fps: float) -> None:
+    from cinematic import video
+
+    for caption, clips in videos.items():
+        for seed, frames in enumerate(clips):
+            video.write(folder / f"{caption.replace(' ', '-')}-{seed}.mp4", frames, fps=fps)
+
+
+def same_seed_pipeline(model: str | Path, device: str) -> Any:
+    """A :class:`cinematic.pipeline.Pipeline` whose prompts all start from the noise of the call's seed itself
+    (``generate`` gives video ``i`` seed + i), so that a batch of captions makes for each the video that
+    ``cinematic generate CAPTION --seed`` makes. Built here so that importing this module does not import torch."""
+    import dataclasses
+
+    from cinematic.pipeline import Pipeline
+
+    class SameSeedPipeline(Pipeline):
+        def initial_noise(self, request):
+            one = dataclasses.replace(request, prompts=request.prompts[:1], num_videos=1)
+            noise, generator = super().initial_noise(one)  # [1,C,F,h,w]
+            return noise.expand(request.count, *noise.shape[1:]).contiguous(), generator
+
+    return SameSeedPipeline.from_pretrained(model, device=device)

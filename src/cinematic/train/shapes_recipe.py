@@ -1,0 +1,133 @@
+"""The recipe behind the bundled ``shapes`` model: both training stages from scratch, on two CPU cores.
+
+``scripts/train_shapes`` runs :func:`main`: the VAE stage, then the UNet + text encoder stage on its frozen
+latents, both through :func:`cinematic.train.train` on the 40 training captions of ``cinematic.data.shapes`` (the 8
+held-out combinations are never rendered). The final EMA weights, in float16, replace ``src/cinematic/assets/
+shapes/``, and ``recipe.json`` beside them records every parameter below and the wall time of each stage.
+
+Sizes were chosen for time, not for headroom: 32x32 clips of 16 frames, a VAE with a 4x downsampling (8x8x4
+latents), a two-level UNet of 32 and 64 channels and a two-layer, 64-wide text encoder. Small networks on a loaded
+2-core machine run faster on one intra-op thread than on two (two threads spend their time in barriers when
+another process holds a core), so ``THREADS`` is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cinematic.models.components import Defaults, ModelConfig
+from cinematic.models.text_encoder import TextEncoderConfig
+from cinematic.models.unet3d import UNet3DConfig, UNetLevel
+from cinematic.models.vae import VAEConfig
+
+REPO = Path(__file__).resolve().parents[3]
+DEST = Path(__file__).resolve().parents[1] / "assets" / "shapes"
+WORK = REPO / "build" / "shapes-recipe"
+THREADS = 1
+
+MODEL = ModelConfig(
+    unet=UNet3DConfig(
+        levels=(UNetLevel(32, True), UNetLevel(64, True)),
+        layers_per_block=1,
+        head_dim=32,
+        cross_attention_dim=64,
+        norm_groups=8,
+        transformer_in_heads=1,
+    ),
+    # CLIP's 77 positions, although five-word captions need 7: loaders build the tokenizer at 77 positions.
+    text_encoder=TextEncoderConfig(vocab_size=600, context_length=77, width=64, layers=2, heads=2, mlp_width=256),
+    vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_groups=8, latent_channels=4),
+    defaults=Defaults(frames=16, height=32, width=32, fps=8),
+)
+
+# Per-stage TrainConfig fields; everything not named keeps TrainConfig's default.
+STAGES: dict[str, dict[str, Any]] = {
+    "vae": {"steps": 1500, "batch_size": 2, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.995, "save_dtype": "fp32"},
+    "unet": {
+        "steps": 2400,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 100,
+        "ema_decay": 0.998,
+        "caption_dropout": 0.1,
+        "save_dtype": "fp16",
+    },
+}
+COMMON: dict[str, Any] = {"data": "shapes", "frames": 16, "height": 32, "width": 32, "seed": 0, "save_every": 250}
+
+
+def run_stage(stage: str, work: Path, preset: Path, resume: bool, **extra: Any) -> tuple[Path, float]:
+    """Train one stage into ``work/<stage>``; returns its final model folder and its wall time in seconds (summed
+    over the invocations of a resumed run; a finished stage is not run again)."""
+    from cinematic.train import TrainConfig, train
+
+    out, timing = work / stage, work / f"{stage}-seconds.json"
+    spent = json.loads(timing.read_text())["seconds"] if resume and timing.is_file() else 0.0
+    if resume and (out / "model" / "model.json").is_file():
+        return out / "model", spent
+    fields = {**COMMON, **STAGES[stage], **extra}
+    config = TrainConfig(out=out, stage=stage, preset=str(preset), resume=resume, **fields)
+    began = time.perf_counter()
+    try:
+        model = train(config)
+    finally:
+        spent += time.perf_counter() - began
+        timing.write_text(json.dumps({"seconds": spent}) + "\n")
+    return model, spent
+
+
+def install(model: Path, dest: Path) -> None:
+    """Replace ``dest`` with the model folder's files."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(model, dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train the bundled shapes model from scratch (both stages).")
+    parser.add_argument("--work", type=Path, default=WORK, help=f"run folders (default {WORK})")
+    parser.add_argument("--dest", type=Path, default=DEST, help=f"where the final model goes (default {DEST})")
+    parser.add_argument("--resume", action="store_true", help="continue the runs in --work")
+    parser.add_argument("--vae-steps", type=int, help=f"override the VAE stage's {STAGES['vae']['steps']} steps")
+    parser.add_argument("--unet-steps", type=int, help=f"override the UNet stage's {STAGES['unet']['steps']} steps")
+    args = parser.parse_args(argv)
+    for stage, steps in (("vae", args.vae_steps), ("unet", args.unet_steps)):
+        if steps is not None:
+            STAGES[stage] = {**STAGES[stage], "steps": steps, "warmup_steps": min(STAGES[stage]["warmup_steps"], steps)}
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    args.work.mkdir(parents=True, exist_ok=True)
+    preset = args.work / "preset.json"
+    preset.write_text(json.dumps(MODEL.to_dict(), indent=2) + "\n")
+
+    vae_model, vae_seconds = run_stage("vae", args.work, preset, args.resume)
+    print(f"vae stage: {vae_seconds / 60:.1f} min", file=sys.stderr)
+    unet_model, unet_seconds = run_stage("unet", args.work, preset, args.resume, vae=str(vae_model))
+    print(f"unet stage: {unet_seconds / 60:.1f} min", file=sys.stderr)
+    total = vae_seconds + unet_seconds
+
+    install(unet_model, args.dest)
+    recipe = {
+        "command": "scripts/train_shapes",
+        "threads": THREADS,
+        "model": MODEL.to_dict(),
+        "common": COMMON,
+        "stages": STAGES,
+        "wall_seconds": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1), "total": round(total, 1)},
+        "torch": torch.__version__,
+    }
+    (args.dest / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    print(f"wrote {args.dest} in {total / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
