@@ -1,6 +1,6 @@
 """Seconds per denoising step: cinematic's pipeline against diffusers' TextToVideoSDPipeline, same weights, one run.
 
-    python benchmarks/pipeline.py                      # the "small" config below, 16 frames at 128x128
+    python benchmarks/pipeline.py                      # the "small" config below, 8 frames at 64x64
     python benchmarks/pipeline.py --steps 10 --repeats 5 --json pipeline.json
 
 Both load the same random-weight folder (written once by diffusers' own ``save_pretrained``) and run DDIM with
@@ -32,7 +32,12 @@ def write_model(folder: Path) -> Path:
         return folder
     from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
     from tests.clip_vocab import write_tiny_clip_vocab
-    from tests.factories import SCHEDULER_CONFIG, randomize_zero_params
+    from tests.factories import (
+        SCHEDULER_CONFIG,
+        randomize_zero_params,
+        write_published_scheduler,
+        write_published_tokenizer,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -59,15 +64,17 @@ def write_model(folder: Path) -> Path:
     scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
     pipe = TextToVideoSDPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler)
     pipe.save_pretrained(folder)
+    write_published_tokenizer(folder / "tokenizer")
+    write_published_scheduler(folder / "scheduler")
     return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cinematic-bench"))
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128, help="height and width in pixels")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64, help="height and width in pixels")
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path)

@@ -91,8 +91,6 @@ def make_diffusers_folder(
     transformers 5 saves the tokenizer as ``tokenizer.json``; the published repos hold transformers 4's
     ``vocab.json`` + ``merges.txt`` + ``special_tokens_map.json``. ``tokenizer_json`` picks the first, else the second.
     """
-    import shutil
-
     from diffusers import TextToVideoSDPipeline
 
     vocab_dir = write_tiny_clip_vocab(folder.parent / f"{folder.name}-vocab")
@@ -100,19 +98,32 @@ def make_diffusers_folder(
     if variant == "fp16":
         pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-    # save_pretrained writes every default (timestep_spacing "leading" among them); the published file names only
-    # these keys, and what it leaves out decides the spacing of schedulers made from it with from_config.
-    published = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0.dev0", **SCHEDULER_CONFIG}
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(published, indent=2))
     if not tokenizer_json:
-        shutil.rmtree(folder / "tokenizer")
-        write_tiny_clip_vocab(folder / "tokenizer")
-        special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
-                   "unk_token": "<|endoftext|>"}  # fmt: skip
-        (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(special))
-        (folder / "tokenizer" / "tokenizer_config.json").write_text(
-            json.dumps({"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"})
-        )
+        write_published_tokenizer(folder / "tokenizer")
+    write_published_scheduler(folder / "scheduler")
+    return folder
+
+
+def write_published_tokenizer(folder: Path) -> Path:
+    """Replace what transformers 5 saved (tokenizer.json) by the files the published repos hold: transformers 4's
+    vocab.json + merges.txt + special_tokens_map.json (pad "!") + tokenizer_config.json (77 tokens)."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    write_tiny_clip_vocab(folder)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
+               "unk_token": "<|endoftext|>"}  # fmt: skip
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    config = {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_published_scheduler(folder: Path) -> Path:
+    """save_pretrained writes every default (timestep_spacing "leading" among them); the published file names only
+    these keys, and what it leaves out decides the spacing of schedulers made from it with from_config."""
+    published = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0.dev0", **SCHEDULER_CONFIG}
+    (folder / "scheduler_config.json").write_text(json.dumps(published, indent=2))
     return folder
 
 
