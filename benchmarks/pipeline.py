@@ -120,7 +120,8 @@ def main() -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info.get('torch')}, {args.threads} threads\n")
     print(markdown_table(["pipeline", "s/step (median)", "vs diffusers"], rows))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "settings": vars(args) | {"json": str(args.json)}, **times}))
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"machine": info, "settings": settings, **times}, indent=2))
 
 
 if __name__ == "__main__":
