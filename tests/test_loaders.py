@@ -214,14 +214,32 @@ def test_convert_refuses_non_empty_destination(diffusers_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary folder left behind
 
 
-def test_modelscope_without_tokenizer_says_where_to_get_one(tmp_path, monkeypatch):
+def offline_hub(monkeypatch, cache: Path) -> None:
+    """No network and the given cache; huggingface_hub reads these at import time, so patch its constants too."""
+    import huggingface_hub.constants as constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+def test_modelscope_without_tokenizer_says_where_to_get_one(tmp_path, monkeypatch):
+    offline_hub(monkeypatch, tmp_path / "empty-cache")
     folder = make_modelscope_folder(tmp_path / "model", with_tokenizer=False)
     with pytest.raises(CinematicError, match="no tokenizer.*--tokenizer"):
         load(folder)
     model = load(folder, tokenizer=tmp_path / "model-vocab")
     assert model.tokenizer("a cat").shape == (1, 77)
+    # With the vocabulary in the Hugging Face cache, it comes from there, still without any network.
+    from cinematic.weights.hub import TOKENIZER_REPO
+    from tests.clip_vocab import write_tiny_clip_vocab
+
+    repo = tmp_path / "vocab-repo"
+    write_tiny_clip_vocab(repo / "tokenizer")
+    offline_hub(monkeypatch, tmp_path / "cache")
+    _populate_hub_cache(tmp_path / "cache", TOKENIZER_REPO, repo)
+    assert torch.equal(load(folder).tokenizer("a cat"), model.tokenizer("a cat"))
 
 
 def _populate_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
@@ -241,12 +259,7 @@ def _populate_hub_cache(cache: Path, repo_id: str, source: Path) -> Path:
 def test_hub_id_resolves_from_offline_cache(diffusers_dir, tmp_path, monkeypatch, name):
     cache = tmp_path / "hub"
     _populate_hub_cache(cache, "ali-vilab/text-to-video-ms-1.7b", diffusers_dir)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, cache)
     model = load(name)
     assert model.format == "diffusers"
     assert sum(p.numel() for p in model.unet.parameters()) > 0
