@@ -112,6 +112,7 @@ def generate(pipe: Any, captions: Sequence[str], seed: int, steps: int, guidance
 def _save(videos: dict[str, list], folder: Path, fps: float) -> None:
     from cinematic import video
 
+    folder.mkdir(parents=True, exist_ok=True)
     for caption, clips in videos.items():
         for seed, frames in enumerate(clips):
             video.write(folder / f"{caption.replace(' ', '-')}-{seed}.mp4", frames, fps=fps)

@@ -1,9 +1,10 @@
 """The recipe behind the bundled ``shapes`` model: both training stages from scratch, on two CPU cores.
 
-``scripts/train_shapes`` runs :func:`main`: the VAE stage, then the UNet + text encoder stage on its frozen
-latents, both through :func:`cinematic.train.train` on the 40 training captions of ``cinematic.data.shapes`` (the 8
-held-out combinations are never rendered). The final EMA weights, in float16, replace ``src/cinematic/assets/
-shapes/``, and ``recipe.json`` beside them records every parameter below and the wall time of each stage.
+``scripts/train_shapes`` runs :func:`main`: the VAE stage, the UNet + text encoder stage on its frozen latents, and a
+short decoder-only VAE run (see ``STAGES``), all through :func:`cinematic.train.train` on the 40 training captions of
+``cinematic.data.shapes`` (the 8 held-out combinations are never rendered). The final EMA weights, in float16,
+replace ``src/cinematic/assets/shapes/``, and ``recipe.json`` beside them records every parameter below and the wall
+time of each run.
 
 Sizes were chosen for time, not for headroom: 32x32 clips of 16 frames, a VAE with a 4x downsampling (8x8x4
 latents), a two-level UNet of 32 and 64 channels and a two-layer, 64-wide text encoder. Small networks on a loaded
@@ -64,7 +65,7 @@ STAGES: dict[str, dict[str, Any]] = {
     "decoder": {
         "stage": "vae",
         "parts": "decoder",
-        "steps": 1500,
+        "steps": 1000,
         "batch_size": 2,
         "lr": 1e-3,
         "warmup_steps": 50,
@@ -124,10 +125,15 @@ def install(model: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(model, dest)
+    dest.chmod(0o755)  # the training run writes through a private temporary folder; a packaged asset is readable
+    for path in dest.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the bundled shapes model from scratch (both stages).")
+    parser = argparse.ArgumentParser(
+        description="Train the bundled shapes model from scratch (VAE, UNet + text, decoder)."
+    )
     parser.add_argument("--work", type=Path, default=WORK, help=f"run folders (default {WORK})")
     parser.add_argument("--dest", type=Path, default=DEST, help=f"where the final model goes (default {DEST})")
     parser.add_argument("--resume", action="store_true", help="continue the runs in --work")

@@ -119,7 +119,7 @@ def load(
     from cinematic.weights.files import load_into
 
     source = open_source(model, variant=variant)
-    vocab = Tokenizer.from_folder(tokenizer_folder(source, tokenizer))
+    vocab = Tokenizer.from_folder(tokenizer_folder(source, tokenizer), source.config.text_encoder.context_length)
     networks = build_networks(source.config)
     for name, network in networks.items():
         load_into(network, source.readers[name](dtype), f"{source.files[name]}", dtype, device)
