@@ -71,7 +71,6 @@ _SCHEDULE_IGNORED = {
     "algorithm_type", "lower_order_final", "use_karras_sigmas", "interpolation_type", "final_sigmas_type",
     "euler_at_final", "variance_type", "lambda_min_clipped", "use_lu_lambdas", "use_exponential_sigmas",
     "use_beta_sigmas", "use_flow_sigmas", "flow_shift", "sigma_min", "sigma_max", "timestep_type",
-    "rescale_betas_zero_snr", "prediction_type_",
 }  # fmt: skip
 
 
