@@ -204,3 +204,12 @@ def test_matches_modelscope_ddim_loop():
     # The two UNets agree to ~3e-6 per call (ModelScope computes the timestep frequencies with pow, diffusers and we
     # with exp); guidance 9 amplifies that ninefold at each of 20 steps, so 3e-4 is float32 agreement here.
     torch.testing.assert_close(ours, expected.float(), rtol=1e-4, atol=3e-4)
+
+
+def test_size_and_frames_default_to_what_the_model_was_trained_on():
+    pipe = Pipeline.from_pretrained("shapes")
+    d = pipe.model.config.defaults
+    request = pipe.validate("a red circle moving left")
+    assert (request.num_frames, request.height, request.width) == (d.frames, d.height, d.width) == (16, 32, 32)
+    request = pipe.validate("a red circle moving left", num_frames=8, height=48)
+    assert (request.num_frames, request.height, request.width) == (8, 48, 32)

@@ -126,9 +126,9 @@ class Pipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | None = None,
-        num_frames: int = 16,
-        height: int = 256,
-        width: int = 256,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         steps: int = 50,
         guidance_scale: float = 9.0,
         seed: int | None = None,
@@ -144,6 +144,10 @@ class Pipeline:
         if eta is not None and (not isinstance(eta, int | float) or not math.isfinite(eta) or not 0 <= eta <= 1):
             raise CinematicError(f"eta must be a number from 0 to 1, not {eta!r}")
         seed = random_seed() if seed is None else _check_int("seed", seed, 0, SEED_RANGE - 1)
+        defaults = self.model.config.defaults  # what the model was trained on
+        num_frames = defaults.frames if num_frames is None else num_frames
+        height = defaults.height if height is None else height
+        width = defaults.width if width is None else width
         return Request(
             prompts=prompts,
             negative_prompt=negative_prompt,
@@ -188,9 +192,9 @@ class Pipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | None = None,
-        num_frames: int = 16,
-        height: int = 256,
-        width: int = 256,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         steps: int = 50,
         guidance_scale: float = 9.0,
         seed: int | None = None,
