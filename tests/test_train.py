@@ -164,6 +164,26 @@ def test_gradient_checkpointing_and_bf16_keep_the_loss(vae_run: Path, tmp_path: 
     np.testing.assert_allclose(losses(tmp_path / "bf16"), plain[:1], rtol=0.05)
 
 
+def test_dropout_option_reaches_the_unet(vae_run: Path, tmp_path: Path):
+    common = {"init": str(vae_run / "model"), "steps": 1, **FAST}
+    train(TrainConfig(tmp_path / "none", dropout=0.0, **common))
+    train(TrainConfig(tmp_path / "again", dropout=0.0, **common))
+    train(TrainConfig(tmp_path / "half", dropout=0.5, **common))
+    assert losses(tmp_path / "none") == losses(tmp_path / "again")
+    assert losses(tmp_path / "half") != losses(tmp_path / "none")  # same batch, noise and t: only the masks differ
+    with pytest.raises(CinematicError, match=r"dropout must be a number in \[0, 1\)"):
+        TrainConfig(tmp_path / "bad", dropout=1.5)
+
+
+def test_fresh_unet_has_random_temporal_output_convs():
+    from cinematic.models.presets import PRESETS
+    from cinematic.train.setup import fresh_model
+
+    unet = fresh_model(PRESETS["tiny"], ["a red circle"], None, seed=0).unet
+    last = [m.conv4[-1].weight for m in unet.modules() if hasattr(m, "conv4")]
+    assert last and all(w.abs().min() > 0 for w in last)  # a UNet3D alone zero-initialises them
+
+
 def bad_config(out: Path, data: str) -> TrainConfig:
     return TrainConfig(out, stage="vae", preset="tiny", data=data, steps=1, **FAST)
 

@@ -67,6 +67,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     _option(opt, "--grad-clip", "max gradient norm; 0 turns clipping off", type=float)
     _option(opt, "--ema-decay", "EMA of the weights that is saved; 0 saves the raw weights", type=float)
     _option(opt, "--caption-dropout", "fraction of captions replaced by '' (for guidance)", type=float)
+    _option(opt, "--dropout", "UNet dropout while training (default: the model's)", type=float)
     _option(opt, "--kl-weight", "VAE stage: weight of the KL term", type=float)
     _option(opt, "--gradient-checkpointing", "recompute activations in the backward pass", action="store_true")
     _option(opt, "--precision", "autocast precision (default: bf16 on CUDA, fp32 elsewhere)", choices=PRECISIONS)

@@ -50,6 +50,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.999  # 0 saves the raw weights; the decay warms up as (1 + n) / (10 + n)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
+    # The UNet's dropout while training: both references train with 0.1 in the temporal convs. None keeps that;
+    # 0 suits training from scratch on endless generated data, where nothing is overfitted and updates are scarce.
+    dropout: float | None = None
     kl_weight: float = 1e-6  # VAE stage: weight of the per-element KL against the L1 + L2 reconstruction
     parts: str | None = None  # what trains, "+"-joined from PARTS[stage]; None: DEFAULT_PARTS[stage]
     gradient_checkpointing: bool = False
@@ -105,8 +108,10 @@ class TrainConfig:
                 raise CinematicError(f"{name.replace('_', ' ')} must be a finite number >= 0, not {value!r}")
         if not self.lr > 0:
             raise CinematicError(f"lr must be positive, not {self.lr!r}")
-        for name in ("ema_decay", "caption_dropout"):
+        for name in ("ema_decay", "caption_dropout", "dropout"):
             value = getattr(self, name)
+            if value is None and name == "dropout":
+                continue
             if not isinstance(value, int | float) or not 0 <= value < 1:
                 raise CinematicError(f"{name.replace('_', ' ')} must be a number in [0, 1), not {value!r}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -168,6 +168,10 @@ class Trainer:
         if not self.params:
             raise CinematicError(f"{c.parts or c.stage}: this model has no such parameters to train")
         model.unet.gradient_checkpointing = model.vae.gradient_checkpointing = c.gradient_checkpointing
+        if c.dropout is not None:
+            for module in model.unet.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = c.dropout
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay)
         self.ema = EMA(self.trainable, c.ema_decay)
         if run.state is not None:
