@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(commands)
 
+    from cinematic.serve.cli import add_serve_parser
+
+    add_serve_parser(commands)
+
     info = commands.add_parser("info", help="describe a model: format, parameters, dtypes and file sizes")
     info.add_argument("model", help="a model folder (any layout), a bundled model name, or a hub id")
     info.set_defaults(run=cmd_info)

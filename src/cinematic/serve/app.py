@@ -1,0 +1,368 @@
+"""The HTTP API and the web page: ``create_app(settings)`` returns the FastAPI application that uvicorn serves.
+
+Endpoints follow OpenAI's Videos API (``/v1/videos``...), errors its ``{"error": {message, type, param, code}}``
+body. Handlers are plain functions (FastAPI runs them on its thread pool): each is a few SQLite reads or one short
+transaction, and generation happens on the workers' threads, never in a request. This module does not use
+``from __future__ import annotations``: FastAPI reads the handlers' annotations, and the request body's class is
+built at run time (see ``schemas.request_model``).
+"""
+
+import dataclasses
+import hmac
+import math
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from cinematic import __version__
+from cinematic.errors import CinematicError
+from cinematic.serve import metrics
+from cinematic.serve.files import MEDIA_TYPES
+from cinematic.serve.schemas import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    ErrorResponse,
+    Health,
+    VideoDeleted,
+    VideoJob,
+    VideoList,
+    parse_size,
+    request_model,
+)
+from cinematic.serve.service import ModelInfo, Service
+from cinematic.serve.settings import Limits, Settings
+from cinematic.serve.store import ID_PATTERN, Job, Params, QueueFull
+
+STATIC = Path(__file__).parent / "static"
+DESCRIPTION = """Text to video as a job queue. `POST /v1/videos` queues a job and returns it at once; poll
+`GET /v1/videos/{id}` until `status` is `completed`, then download `GET /v1/videos/{id}/content`
+(mp4, or `?variant=webm|gif`). Jobs survive restarts: one that was running starts again with the same seed."""
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with this status."""
+
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+
+
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        401: "The API key is missing or wrong (only when the server has one).",
+        404: "No such video (or it was deleted).",
+        409: "The video is not in a state that allows this.",
+        422: "A field is invalid; `error.param` names it.",
+        429: "The queue is full; retry after `Retry-After` seconds.",
+    }
+    return {status: {"model": ErrorResponse, "description": text[status]} for status in statuses}
+
+
+def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
+    """The application; opens (or takes) the :class:`Service`, and starts its workers when the server starts."""
+    service = service or Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.close)
+
+    app = FastAPI(title="cinematic", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = service
+    _add_error_handlers(app)
+    app.include_router(_api(settings, service))
+    _add_server_routes(app, settings, service)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _authorizer(settings: Settings) -> Any:
+    bearer = HTTPBearer(auto_error=False, description="Only when the server was started with an API key.")
+    key = settings.api_key.encode() if settings.api_key else None
+
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if key is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, key):  # constant time: the comparison leaks nothing about the key
+            raise ApiError(
+                401,
+                "a valid API key is required: send the header Authorization: Bearer <key>",
+                "invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return authorize
+
+
+def _api(settings: Settings, service: Service) -> APIRouter:
+    from cinematic.diffusion import SAMPLERS
+
+    model = service.model
+    VideoCreate = request_model(  # noqa: N806 - a class
+        _limits(settings, service), model.name, model.min_size, _size(model), model.frames, tuple(SAMPLERS)
+    )
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(settings))], tags=["videos"])
+
+    @router.post("/videos", response_model=VideoJob, responses=_errors(401, 422, 429), summary="Queue a video")
+    def create_video(body: VideoCreate) -> dict[str, Any]:  # type: ignore[valid-type]
+        params = _params(body, model)
+        _check_with_pipeline(service, params)
+        try:
+            job = service.submit(params)
+        except QueueFull:
+            wait = max(1, math.ceil(service.generation.mean() or 10))
+            raise ApiError(
+                429,
+                f"the queue is full ({settings.max_queue} jobs waiting); retry later",
+                "queue_full",
+                headers={"Retry-After": str(wait)},
+            ) from None
+        return _view(service, job)
+
+    @router.get("/videos", response_model=VideoList, responses=_errors(401, 422), summary="List videos, newest first")
+    def list_videos(
+        limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
+        after: Annotated[str | None, Query(max_length=64, description="The last id of the previous page.")] = None,
+    ) -> dict[str, Any]:
+        try:
+            jobs, has_more = service.store.page(limit, after)
+        except KeyError:
+            raise ApiError(422, f"after: no video {after!r} to continue from", "invalid_value", param="after") from None
+        data = [_view(service, job) for job in jobs]
+        first, last = (jobs[0].id, jobs[-1].id) if jobs else (None, None)
+        return {"data": data, "first_id": first, "last_id": last, "has_more": has_more}
+
+    @router.get("/videos/{video_id}", response_model=VideoJob, responses=_errors(401, 404), summary="Get a video job")
+    def get_video(video_id: str) -> dict[str, Any]:
+        return _view(service, _find(service, video_id))
+
+    @router.get(
+        "/videos/{video_id}/content",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "The video file."},
+            206: {"description": "Part of the file, for a Range request."},
+            **_errors(401, 404, 409, 422),
+        },
+        summary="Download the video (Range requests supported)",
+    )
+    def video_content(
+        video_id: str,
+        variant: Annotated[Literal["mp4", "webm", "gif"], Query(description="File format; mp4 by default.")] = "mp4",
+    ) -> Response:
+        job = _find(service, video_id)
+        if job.status != "completed":
+            raise ApiError(409, f"{job.id} is {job.status}; its content exists once it is completed", "not_ready")
+        path = service.content(job.id, variant)
+        if path is None:
+            raise ApiError(404, f"no video {video_id!r}", "not_found", param="video_id")
+        return FileResponse(
+            path, media_type=MEDIA_TYPES[variant], filename=f"{job.id}.{variant}", content_disposition_type="inline"
+        )
+
+    @router.delete(
+        "/videos/{video_id}",
+        response_model=VideoJob | VideoDeleted,
+        responses=_errors(401, 404, 409),
+        summary="Cancel a queued or running video, or delete a finished one with its files",
+    )
+    def delete_video(video_id: str) -> dict[str, Any]:
+        job = _find(service, video_id)
+        if job.status in ("queued", "in_progress"):
+            if service.cancel(job.id):
+                return _view(service, _find(service, job.id))
+            # It finished between the read and the cancel: deleting it now would surprise the caller.
+            raise ApiError(409, f"{job.id} finished before it could be cancelled; delete it again", "conflict")
+        if not service.delete(job.id):
+            raise ApiError(404, f"no video {video_id!r}", "not_found", param="video_id")
+        return {"id": job.id, "object": "video.deleted", "deleted": True}
+
+    return router
+
+
+def _find(service: Service, video_id: str) -> Job:
+    job = service.store.get(video_id) if ID_PATTERN.fullmatch(video_id) else None
+    if job is None:
+        raise ApiError(404, f"no video {video_id!r}", "not_found", param="video_id")
+    return job
+
+
+def _view(service: Service, job: Job) -> dict[str, Any]:
+    """A job as the API shows it (:class:`VideoJob`)."""
+    p = job.params
+    return {
+        "id": job.id,
+        "status": job.status,
+        "progress": service.progress(job),
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "completed_at": job.completed_at,
+        "error": {"code": "generation_failed", "message": job.error} if job.error else None,
+        "model": p.model,
+        "prompt": p.prompt,
+        "negative_prompt": p.negative_prompt,
+        "size": f"{p.width}x{p.height}",
+        "frames": p.frames,
+        "fps": p.fps,
+        "seconds": f"{p.frames / p.fps:g}",
+        "steps": p.steps,
+        "guidance": p.guidance,
+        "seed": p.seed,
+        "sampler": p.sampler,
+    }
+
+
+def _size(model: ModelInfo) -> str:
+    return f"{model.width}x{model.height}"
+
+
+def _params(body: Any, model: ModelInfo) -> Params:
+    """A validated request with every default filled in; the seed is drawn here, once, and stored with the job."""
+    from cinematic.pipeline import random_seed
+
+    width, height = parse_size(body.size or _size(model))
+    return Params(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=model.name,
+        frames=body.frames or model.frames,
+        width=width,
+        height=height,
+        steps=body.steps or DEFAULT_STEPS,
+        guidance=DEFAULT_GUIDANCE if body.guidance is None else float(body.guidance),
+        seed=random_seed() if body.seed is None else body.seed,
+        sampler=body.sampler or DEFAULT_SAMPLER,
+        fps=model.fps,
+    )
+
+
+def _limits(settings: Settings, service: Service) -> Limits:
+    """The settings' limits, within what the model can do."""
+    return dataclasses.replace(settings.limits, max_steps=min(settings.limits.max_steps, service.model.max_steps))
+
+
+def _check_with_pipeline(service: Service, p: Params) -> None:
+    """The pipeline's own checks, so that nothing a worker would reject is ever queued."""
+    try:
+        service.workers[0].pipeline.validate(
+            p.prompt,
+            negative_prompt=p.negative_prompt,
+            num_frames=p.frames,
+            height=p.height,
+            width=p.width,
+            steps=p.steps,
+            guidance_scale=p.guidance,
+            seed=p.seed,
+            sampler=p.sampler,
+        )
+    except CinematicError as error:
+        field = str(error).split(" ", 1)[0]
+        param = "size" if field in ("height", "width") else field
+        raise ApiError(422, str(error), "invalid_value", param=param) from error
+
+
+def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> None:
+    authorize = _authorizer(settings)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz", response_model=Health, tags=["server"], summary="Liveness, the model, defaults and limits")
+    def healthz() -> dict[str, Any]:
+        m = service.model
+        return {
+            "model": m.name,
+            "workers": [{"device": w.device, "busy": w.busy} for w in service.workers],
+            "queued": service.store.counts()["queued"],
+            "auth": settings.api_key is not None,
+            "defaults": {
+                "frames": m.frames,
+                "size": _size(m),
+                "fps": m.fps,
+                "steps": DEFAULT_STEPS,
+                "guidance": DEFAULT_GUIDANCE,
+                "sampler": DEFAULT_SAMPLER,
+            },
+            "limits": {**vars(_limits(settings, service)), "min_size": m.min_size, "max_queue": settings.max_queue},
+            "samplers": _samplers(),
+        }
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        dependencies=[Depends(authorize)],
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}, **_errors(401)},
+        tags=["server"],
+        summary="Prometheus metrics: queue depth, jobs by status, generation seconds",
+    )
+    def prometheus() -> Response:
+        text = metrics.render(service.store.counts(), service.busy_workers, len(service.workers), service.generation)
+        return Response(text, media_type=metrics.CONTENT_TYPE)
+
+
+def _samplers() -> list[str]:
+    from cinematic.diffusion import SAMPLERS
+
+    return list(SAMPLERS)
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+def _error_body(message: str, status: int, code: str | None, param: str | None = None) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        body = _error_body(error.message, error.status, error.code, error.param)
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [_problem(e) for e in error.errors()]
+        message = "; ".join(f"{field}: {text}" if field else text for field, text in problems)
+        param = next((field for field, _ in problems if field), None)
+        return JSONResponse(_error_body(message, 422, "invalid_value", param), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        body = _error_body(str(error.detail), error.status_code, None)
+        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
+def _problem(error: dict[str, Any]) -> tuple[str | None, str]:
+    """(field, message) of one pydantic error, in words a client can act on."""
+    where: Sequence[Any] = error.get("loc", ())
+    field = ".".join(str(part) for part in where[1:]) or None
+    kind, text = error.get("type"), str(error.get("msg", "is invalid"))
+    if kind == "json_invalid":
+        return None, "the request body is not valid JSON"
+    if kind == "missing":
+        return field, "is required" if field else "a JSON body is required"
+    if kind == "extra_forbidden":
+        return field, "is not a field of this request"
+    return field, text.removeprefix("Value error, ")

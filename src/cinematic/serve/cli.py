@@ -1,0 +1,132 @@
+"""The ``cinematic serve`` sub-command: settings from flags and ``CINEMATIC_*`` variables, then uvicorn.
+
+Everything that can fail on bad settings fails before serving, in one line with exit code 2: a public address
+without a key, a port in use, a busy data folder, an unknown model. Importing this module imports neither FastAPI
+nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging.config
+import socket
+import sys
+from typing import Any
+
+from cinematic.errors import CinematicError
+from cinematic.serve.settings import DTYPES, ENV, LOG_LEVELS, Limits, Settings, check_exposure, resolve
+
+_DEFAULTS: dict[str, Any] = {**vars(Settings()), **vars(Limits())}
+# Longer than clients keep idle connections (httpx 5 s, as uvicorn's default): a polling client whose idle
+# connection the server closes at the same moment gets a read error instead of an answer.
+KEEP_ALIVE_S = 75
+
+
+def _flag(parser: Any, flag: str, dest: str, help: str, default: str | None = None, **kwargs: Any) -> None:
+    """A flag that is None unless given (so the environment can fill it); its help names the default and variable."""
+    default = default or _DEFAULTS.get(dest)
+    shown = f"default {default}" if default not in (None, ()) else ""
+    env = f"env {ENV[dest][0]}"
+    parser.add_argument(
+        flag, dest=dest, default=None, help=f"{help} ({', '.join(filter(None, [shown, env]))})", **kwargs
+    )
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve`` to the ``cinematic`` sub-commands; ``args.run(args)`` runs it."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the HTTP API (OpenAI Videos-shaped) and a web page, with a job queue that survives restarts",
+        description="Serve text-to-video over HTTP: POST /v1/videos queues a job, the web page is at /, the "
+        "OpenAPI docs at /docs. Jobs and videos live in --data and survive restarts, kill -9 included. Every "
+        "flag can also be set by the environment variable shown.",
+    )
+    _flag(parser, "--model", "model", "bundled name, model folder or hub id")
+    _flag(parser, "--host", "host", "address to bind; any non-loopback address needs an API key")
+    _flag(parser, "--port", "port", "TCP port; 0 picks a free one", type=int)
+    _flag(parser, "--data", "data", "folder for the job store and the video files")
+    _flag(parser, "--api-key", "api_key", "require Authorization: Bearer KEY on /v1 and /metrics (prefer the env)")
+    _flag(parser, "--max-queue", "max_queue", "jobs that may wait; beyond it POST gets 429", type=int)
+    parser.add_argument(
+        "--device",
+        dest="devices",
+        action="append",
+        help="a device to run a worker on; repeat for several GPUs (default: every CUDA device, else cpu; "
+        f"env {ENV['devices'][0]}, comma-separated)",
+    )
+    _flag(parser, "--dtype", "dtype", "weights precision", "fp16 on CUDA, fp32 on CPU", choices=DTYPES)
+    _flag(parser, "--threads", "threads", "torch CPU threads per worker", "torch's", type=int)
+    _flag(parser, "--log-level", "log_level", "log level; info logs every request", choices=LOG_LEVELS)
+    limits = parser.add_argument_group("limits per request (a breach is a 422 naming the field)")
+    _flag(limits, "--max-frames", "max_frames", "frames", type=int)
+    _flag(limits, "--max-size", "max_size", "pixels per side", type=int)
+    _flag(limits, "--max-steps", "max_steps", "denoising steps", type=int)
+    _flag(limits, "--max-prompt", "max_prompt", "characters of the prompt and of the negative prompt", type=int)
+    parser.set_defaults(run=cmd_serve)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    given = {name: getattr(args, name, None) for name in ENV}
+    for name, value in given.items():
+        if value is not None and name != "devices":
+            try:  # the environment's checks apply to flags too (a port in range, counts of at least 1)
+                ENV[name][1](str(value))
+            except ValueError as error:
+                raise CinematicError(f"--{name.replace('_', '-')} {value}: {error}") from error
+    given["devices"] = tuple(given["devices"]) if given["devices"] else None
+    settings = resolve(given)
+    check_exposure(settings)
+    try:
+        import uvicorn
+    except ImportError as error:
+        raise CinematicError("serving needs the serve extra: pip install 'cinematic[serve]'") from error
+
+    listener = _listen(settings.host, settings.port)  # before loading the model: a busy port fails at once
+    log_config = _log_config(settings.log_level)
+    logging.config.dictConfig(log_config)  # now, so that recovery and model loading are logged like the rest
+    from cinematic.serve.app import create_app
+
+    try:
+        app = create_app(settings)
+    except BaseException:
+        listener.close()
+        raise
+    host, port = listener.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    workers = ", ".join(w.device for w in app.state.service.workers)
+    print(f"cinematic serve: http://{where}:{port}/ (model {settings.model}, data {settings.data}, workers {workers})")
+    sys.stdout.flush()
+    config = uvicorn.Config(app, log_level=settings.log_level, log_config=log_config, timeout_keep_alive=KEEP_ALIVE_S)
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the stop was asked for
+        pass
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as error:
+        raise CinematicError(f"cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error}") from error
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)  # connections made while the model loads wait here instead of being refused
+    except OSError as error:
+        listener.close()
+        raise CinematicError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+    return listener
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, with timestamps, and the workers' job events (logger ``cinematic``) beside it."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    config["loggers"]["cinematic"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config

@@ -1,0 +1,144 @@
+"""The server's state without HTTP: the store, the files, the workers and their warm pipelines.
+
+Opening a :class:`Service` does everything that can fail on bad settings (locking the data folder, recovering
+after a crash, loading the model), so ``cinematic serve`` reports a bad model or a busy folder in one line before
+it binds a port. The HTTP layer (``app.py``) only translates requests into calls on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cinematic.serve.files import Files
+from cinematic.serve.metrics import Histogram
+from cinematic.serve.settings import Settings
+from cinematic.serve.store import Job, Params, Store
+from cinematic.serve.worker import Worker
+
+if TYPE_CHECKING:
+    from cinematic.pipeline import Pipeline
+
+log = logging.getLogger("cinematic.serve")
+MAX_ATTEMPTS = 3  # starts of one job that a crash may interrupt before the job is failed instead of re-run
+STOP_SECONDS = 120.0  # how long stopping waits for a worker that is writing its file
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What requests are checked against and default to: the served model's trained clip."""
+
+    name: str
+    frames: int
+    width: int
+    height: int
+    fps: float
+    min_size: int
+    max_steps: int  # the schedule's training timesteps: more sampling steps than that have no meaning
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.data)
+        try:
+            requeued, failed = self.store.recover(MAX_ATTEMPTS)
+            if requeued:
+                log.warning("requeued %d job(s) left running by a previous server: %s", len(requeued), requeued)
+            if failed:
+                log.warning("failed %d job(s) that stopped the server %d times: %s", len(failed), MAX_ATTEMPTS, failed)
+            self.files = Files(settings.data / "videos")
+            self.files.sweep(self.store.completed_ids())
+            self.generation = Histogram()
+            devices = settings.devices or _default_devices()
+            self.workers = [
+                Worker(device, _load(settings, device), self.store, self.files, self.generation, settings.threads)
+                for device in devices
+            ]
+        except BaseException:
+            self.store.close()
+            raise
+        pipe = self.workers[0].pipeline
+        d = pipe.model.config.defaults
+        timesteps = pipe.model.config.schedule.num_train_timesteps
+        self.model = ModelInfo(settings.model, d.frames, d.width, d.height, float(d.fps), pipe.min_size, timesteps)
+        self._started = False
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+        self._started = True
+
+    def close(self) -> None:
+        """Stop the workers (a running job goes back to the queue) and release the data folder."""
+        for worker in self.workers:
+            worker.stop()
+        if self._started:
+            for worker in self.workers:
+                worker.join(STOP_SECONDS)
+        if any(worker.is_alive() for worker in self.workers):
+            log.warning("a worker is still writing; leaving the store open until the process exits")
+            return
+        self.store.close()
+
+    # --- jobs ----------------------------------------------------------------------------------------------
+
+    def submit(self, params: Params) -> Job:
+        """Queue a job (raises QueueFull) and wake the workers."""
+        job = self.store.add(params, self.settings.max_queue)
+        for worker in self.workers:
+            worker.notify()
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        if not self.store.cancel(job_id):
+            return False
+        for worker in self.workers:
+            worker.cancel(job_id)
+        return True
+
+    def delete(self, job_id: str) -> bool:
+        if not self.store.delete(job_id):
+            return False
+        self.files.remove(job_id)
+        return True
+
+    def content(self, job_id: str, variant: str) -> str | None:
+        """The path of a completed job's file in ``variant`` (made on first request), or None."""
+        path = self.files.variant(job_id, variant)
+        job = self.store.get(job_id)
+        if job is None or job.status != "completed":  # deleted while the variant was being made
+            self.files.remove(job_id)
+            return None
+        return None if path is None else str(path)
+
+    def progress(self, job: Job) -> int:
+        if job.status == "completed":
+            return 100
+        if job.status == "in_progress":
+            return next((p for w in self.workers if (p := w.progress(job.id)) is not None), 0)
+        return 0
+
+    @property
+    def busy_workers(self) -> int:
+        return sum(worker.busy for worker in self.workers)
+
+
+def _default_devices() -> tuple[str, ...]:
+    import torch
+
+    if torch.cuda.is_available():
+        return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    return ("cpu",)
+
+
+def _load(settings: Settings, device: str) -> Pipeline:
+    import torch
+
+    from cinematic.pipeline import Pipeline
+
+    dtype = settings.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    log.info("loading %s on %s (%s)", settings.model, device, dtype)
+    return Pipeline.from_pretrained(settings.model, device=device, dtype=torch_dtype)

@@ -1,0 +1,139 @@
+"""What ``cinematic serve`` is told: one frozen dataclass, filled from flags, then environment variables, then defaults.
+
+Every setting has a ``CINEMATIC_*`` environment variable (listed in ``ENV``) so that a container or a systemd unit
+can configure the server without a command line. Nothing here imports FastAPI or torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cinematic.errors import CinematicError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The most one request may ask for; a request over any of them gets 422 naming the field."""
+
+    max_frames: int = 64
+    max_size: int = 1024  # pixels, each side
+    max_steps: int = 200
+    max_prompt: int = 1000  # characters, for the prompt and the negative prompt
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "shapes"
+    data: Path = Path("cinematic-data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = 256  # jobs waiting for a worker; one more gets 429
+    devices: tuple[str, ...] = ()  # one worker per device; () picks every CUDA device, else the CPU
+    dtype: str | None = None  # fp32, fp16 or bf16; None: fp16 on CUDA, fp32 elsewhere
+    threads: int | None = None  # torch CPU threads per worker; None leaves torch's default
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not an integer") from None
+
+
+def _positive(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be from 0 to 65535")
+    return value
+
+
+def _devices(text: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in text.split(",") if d.strip())
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+DTYPES = ("fp32", "fp16", "bf16")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+# setting -> (environment variable, parser of its text). Limits are flattened: "max_frames" is Limits.max_frames.
+ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "model": ("CINEMATIC_MODEL", str),
+    "data": ("CINEMATIC_DATA", Path),
+    "host": ("CINEMATIC_HOST", str),
+    "port": ("CINEMATIC_PORT", _port),
+    "api_key": ("CINEMATIC_API_KEY", str),
+    "max_queue": ("CINEMATIC_MAX_QUEUE", _positive),
+    "devices": ("CINEMATIC_DEVICES", _devices),
+    "dtype": ("CINEMATIC_DTYPE", _choice(*DTYPES)),
+    "threads": ("CINEMATIC_THREADS", _positive),
+    "log_level": ("CINEMATIC_LOG_LEVEL", _choice(*LOG_LEVELS)),
+    "max_frames": ("CINEMATIC_MAX_FRAMES", _positive),
+    "max_size": ("CINEMATIC_MAX_SIZE", _positive),
+    "max_steps": ("CINEMATIC_MAX_STEPS", _positive),
+    "max_prompt": ("CINEMATIC_MAX_PROMPT", _positive),
+}
+
+
+def resolve(given: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags (``given``, None where not passed), else ``CINEMATIC_*`` variables, else defaults.
+
+    A malformed variable is a CinematicError that names it, so a typo in a unit file is one clear line.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, (variable, parse) in ENV.items():
+        if given.get(name) is not None:
+            values[name] = given[name]
+        elif environ.get(variable, "") != "":
+            try:
+                values[name] = parse(environ[variable])
+            except ValueError as error:
+                raise CinematicError(f"{variable}={environ[variable]!r} is not valid: {error}") from error
+    limit_names = {f.name for f in dataclasses.fields(Limits)}
+    limits = Limits(**{k: v for k, v in values.items() if k in limit_names})
+    settings = Settings(**{k: v for k, v in values.items() if k not in limit_names}, limits=limits)
+    return dataclasses.replace(settings, data=Path(settings.data).expanduser())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to listen beyond this machine without an API key: anyone who reached the port could use the GPU."""
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise CinematicError("the API key is empty; pass a non-empty --api-key or CINEMATIC_API_KEY")
+    if not is_loopback(settings.host) and not settings.api_key:
+        raise CinematicError(
+            f"refusing to listen on {settings.host} without an API key: set --api-key or CINEMATIC_API_KEY "
+            "(without one, anyone who can reach the port could run jobs), or bind 127.0.0.1"
+        )
