@@ -71,12 +71,12 @@ CASES = [
 # Making the model folders (in a child process, so the parent stays small while it measures).
 
 
-def diffusers_kwargs(preset: str) -> dict[str, dict[str, Any]]:
-    """Constructor arguments of diffusers' and transformers' classes for a cinematic preset (``full`` gives the
-    published text-to-video-ms-1.7b configs)."""
+def diffusers_kwargs(preset: str | Any) -> dict[str, dict[str, Any]]:
+    """Constructor arguments of diffusers' and transformers' classes for a cinematic preset name or ``ModelConfig``
+    (``full`` gives the published text-to-video-ms-1.7b configs)."""
     from cinematic.models.presets import PRESETS
 
-    config = PRESETS[preset]
+    config = PRESETS[preset] if isinstance(preset, str) else preset
     u, t, v = config.unet, config.text_encoder, config.vae
     down = ["CrossAttnDownBlock3D" if level.attention else "DownBlock3D" for level in u.levels]
     unet = dict(
@@ -141,7 +141,7 @@ def random_fp16(build, seed: int):
     return module.eval()
 
 
-def make_diffusers_folder(preset: str, dst: Path) -> None:
+def make_diffusers_folder(preset: str | Any, dst: Path) -> None:
     """A ``TextToVideoSDPipeline`` folder with fp16 weights, written by the libraries' own ``save_pretrained``."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel

@@ -69,17 +69,37 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
             raise CinematicError(f"{path} already exists; pass --overwrite to replace it or choose another name")
 
 
+def _lora_specs(specs: list[str]) -> list[tuple[str, float]]:
+    """``--lora path[:scale]`` values, checked (the files exist, the scales are numbers) before any heavy work."""
+    from cinematic.lora import parse_spec
+    from cinematic.weights.lora_formats import adapter_file
+
+    parsed = [parse_spec(spec) for spec in specs]
+    for path, _ in parsed:
+        adapter_file(path)
+    return parsed
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from cinematic.pipeline import check_guidance, check_sampler, random_seed
+    from cinematic.pipeline import check_guidance, check_guidance_stop, check_sampler, random_seed
 
     if not args.prompt.strip():
         raise CinematicError("the prompt is empty; describe the video to generate")
     check_sampler(args.sampler)
     check_guidance(args.guidance)
+    check_guidance_stop(args.guidance_stop)
+    if args.cache_interval < 1 or args.cache_depth < 1:
+        raise CinematicError("--cache-interval and --cache-depth must be at least 1")
     if args.steps < 1 or args.frames is not None and args.frames < 1 or args.num_videos < 1:
         raise CinematicError("--steps, --frames and --num-videos must be at least 1")
     if args.fps is not None and not 0 < args.fps <= 240:
         raise CinematicError(f"--fps must be between 0 and 240, not {args.fps}")
+    from cinematic.conditioning import cli_kwargs
+
+    pictures = cli_kwargs(
+        args.init_video, args.init_image, args.strength, args.loop, args.frames, args.freeu, args.freeinit
+    )  # read and checked before the model loads
+    loras = _lora_specs(args.lora)
     seed = random_seed() if args.seed is None else args.seed
     paths = _output_paths(args.output, args.prompt, seed, args.num_videos)
     _check_outputs(paths, args.overwrite)  # before any heavy work: a bad name fails in a second, not after sampling
@@ -92,14 +112,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    compute = args.compute or dtype
     pipe = Pipeline.from_pretrained(
-        args.model, device=device, dtype=getattr(torch, DTYPES[dtype]), tokenizer=args.tokenizer
+        args.model,
+        device=device,
+        dtype=getattr(torch, DTYPES[dtype]),
+        tokenizer=args.tokenizer,
+        compute_dtype=getattr(torch, DTYPES[compute]),
+        int8=args.int8,
+        loras=loras,
+        merge_loras=args.lora_merge,
     )
     defaults = pipe.model.config.defaults
     videos = pipe(
         args.prompt,
         negative_prompt=args.negative,
-        num_frames=args.frames or defaults.frames,
+        num_frames=args.frames or (None if args.init_video else defaults.frames),  # v2v: the clip's count
         height=args.height or defaults.height,
         width=args.width or defaults.width,
         steps=args.steps,
@@ -109,6 +137,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         eta=args.eta,
         num_videos=args.num_videos,
         low_memory=args.low_memory,
+        cache_interval=args.cache_interval,
+        cache_depth=args.cache_depth,
+        guidance_stop=args.guidance_stop,
+        **pictures,
     )
     for clip, path in zip(videos if isinstance(videos, list) else [videos], paths):
         if args.fps is not None:
@@ -140,8 +172,49 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=float, help="frame rate of the file (default: the model's, 8)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="weights precision (default: fp32 on CPU, fp16 on GPU)")
-    gen.add_argument("--low-memory", action="store_true", help="run the two guidance passes one after the other")
+    gen.add_argument(
+        "--compute", choices=sorted(DTYPES), help="arithmetic precision (default: --dtype); --dtype fp16 --compute "
+        "fp32 keeps half-size weights and computes in fp32, for CPUs without fast half precision",
+    )  # fmt: skip
+    gen.add_argument(
+        "--low-memory", action="store_true",
+        help="run the two guidance passes one after the other, free the text encoder once the prompt is encoded, "
+        "decode one frame at a time",
+    )  # fmt: skip
+    fast = gen.add_argument_group("fast modes (off by default; each changes the result a little)")
+    fast.add_argument(
+        "--cache-interval", type=int, default=1, metavar="N",
+        help="feature caching: a full UNet step every N steps, the shallow levels only in between (default 1: off)",
+    )  # fmt: skip
+    fast.add_argument(
+        "--cache-depth", type=int, default=1, metavar="D",
+        help="UNet levels recomputed on cached steps, from the top (default 1)",
+    )  # fmt: skip
+    fast.add_argument(
+        "--guidance-stop", type=float, default=1.0, metavar="F",
+        help="drop the unconditional pass from this fraction of sampling on, e.g. 0.8 (default 1: never)",
+    )  # fmt: skip
+    fast.add_argument("--int8", action="store_true", help="int8 Linear layers in the UNet (CPU, fp32 compute)")
+    start = gen.add_argument_group("starting from pictures; FreeU and FreeInit")
+    start.add_argument("--init-video", metavar="CLIP", help="video-to-video: restyle or upscale this clip")
+    start.add_argument(
+        "--strength", type=float, metavar="S",
+        help="with --init-video: how much to change it, 0 (keep) to 1 (ignore it) (default 0.6)",
+    )  # fmt: skip
+    start.add_argument("--init-image", metavar="IMAGE", help="animate this picture: it stays the first frame")
+    start.add_argument("--loop", action="store_true", help="pin the last frame to the first (needs 2+ frames)")
+    start.add_argument("--freeu", action="store_true", help="FreeU (b1=1.2, b2=1.4, s1=0.9, s2=0.2)")
+    start.add_argument(
+        "--freeinit", type=int, default=0, metavar="N",
+        help="FreeInit: sample N more times from low-frequency re-initialised noise (default 0: off)",
+    )  # fmt: skip
     gen.add_argument("--tokenizer", help="folder with vocab.json and merges.txt, for ModelScope folders without one")
+    gen.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="apply a LoRA adapter (a .safetensors file or a folder with one; cinematic's or diffusers' layout) at "
+        "strength SCALE (default 1); repeat for several",
+    )  # fmt: skip
+    gen.add_argument("--lora-merge", action="store_true", help="fold the LoRA adapters into the weights (faster)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.set_defaults(run=cmd_generate)
 

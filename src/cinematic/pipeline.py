@@ -12,12 +12,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cinematic.errors import CinematicError
 from cinematic.models.components import Model
+
+if TYPE_CHECKING:
+    from cinematic.conditioning import Pictures
+    from cinematic.models.feature_cache import DeepCache
 
 MAX_SIZE = 2048
 MIN_SIZE = 64  # lowered to a model's own trained size when that is smaller (the bundled shapes model)
@@ -55,6 +59,18 @@ class Request:
     sampler: str
     eta: float | None
     num_videos: int
+    # Fast modes, off by default (see README, "Memory and speed"): DeepCache-style feature caching (a full UNet step
+    # every ``cache_interval`` steps, the first ``cache_depth`` levels recomputed in between), and guidance
+    # truncation (the unconditional pass stops at fraction ``guidance_stop`` of sampling).
+    cache_interval: int = 1
+    cache_depth: int = 1
+    guidance_stop: float = 1.0
+    # Starting from pictures (see cinematic.conditioning): the strength of video-to-video (1: text-to-video), and
+    # whether the last frame is pinned to the first. FreeU and FreeInit (see README, "FreeU and FreeInit").
+    strength: float = 1.0
+    loop: bool = False
+    freeu: bool = False
+    freeinit: int = 0
 
     @property
     def count(self) -> int:
@@ -85,6 +101,12 @@ def check_guidance(value: Any) -> float:
     return float(value)
 
 
+def check_guidance_stop(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise CinematicError(f"guidance stop must be a number from 0 to 1, not {value!r}")
+    return float(value)
+
+
 def check_sampler(name: Any) -> str:
     from cinematic.diffusion import SAMPLERS
 
@@ -97,11 +119,15 @@ class Pipeline:
     """``Pipeline.from_pretrained(model)`` then ``pipe(prompt, ...)`` -> :class:`Video` (or a list of them)."""
 
     def __init__(self, model: Model, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """``dtype``: what the networks compute in (their weights may be stored in another, see
+        :func:`cinematic.models.precision.compute_in`)."""
         self.model, self.device, self.dtype = model, torch.device(device), dtype
         from cinematic.diffusion import alpha_bar_scaled_linear
 
         s = model.config.schedule
         self.alpha_bar = alpha_bar_scaled_linear(s.beta_start, s.beta_end, s.num_train_timesteps)
+        # How to load the text encoder again after low-memory mode freed it; set by from_pretrained.
+        self._reload_text_encoder: Callable[[], torch.nn.Module] | None = None
 
     @classmethod
     def from_pretrained(
@@ -111,11 +137,53 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         tokenizer: str | Path | None = None,
         variant: str | None = None,
+        compute_dtype: torch.dtype | None = None,
+        int8: bool = False,
+        loras: Sequence[tuple[str | Path, float]] = (),
+        merge_loras: bool = False,
     ) -> Pipeline:
-        """Load any path, bundled name or hub id that :func:`cinematic.weights.load` takes."""
+        """Load any path, bundled name or hub id that :func:`cinematic.weights.load` takes.
+
+        ``dtype`` is what the weights are stored in; ``compute_dtype`` (default: ``dtype``) what the networks compute
+        in. ``dtype=torch.float16, compute_dtype=torch.float32`` halves the weights' memory on CPUs without fast
+        half precision and, from fp16 files, gives the fp32 results. ``int8`` quantizes the UNet's Linear layers
+        (CPU, fp32 compute only).
+        """
         from cinematic.weights import load
 
-        return cls(load(model, device=device, dtype=dtype, tokenizer=tokenizer, variant=variant), device, dtype)
+        compute_dtype = compute_dtype or dtype
+        if int8 and (torch.device(device).type != "cpu" or compute_dtype != torch.float32):
+            raise CinematicError("int8 runs on the CPU with float32 compute only; allowed: --device cpu --compute fp32")
+        loaded = load(model, device=device, dtype=dtype, tokenizer=tokenizer, variant=variant)
+        if compute_dtype != dtype:
+            from cinematic.models.precision import compute_in
+
+            for network in (loaded.unet, loaded.text_encoder, loaded.vae):
+                compute_in(network, compute_dtype)
+        if int8:
+            from cinematic.models.precision import quantize_int8
+
+            quantize_int8(loaded.unet)
+        pipe = cls(loaded, device, compute_dtype)
+        pipe._reload_text_encoder = lambda: _load_text_encoder(model, device, dtype, compute_dtype, variant)
+        for path, scale in loras:  # LoRA adapters, e.g. [("purple-lora", 1.0)]: see load_lora
+            pipe.load_lora(path, scale, merge=merge_loras)
+        return pipe
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, merge: bool = False) -> str:
+        """Apply the LoRA adapter at ``path`` (a .safetensors file or a folder holding one, in cinematic's,
+        diffusers' PEFT or diffusers' older UNet layout) with strength ``scale``; returns its name for
+        :meth:`unload_lora`. Unmerged, the adapted layers add ``scale * alpha / rank * up(down(x))``; merged, that
+        update is folded into their weights (and taken out exactly again by :meth:`unload_lora`)."""
+        from cinematic.lora import load_lora
+
+        return load_lora(self.model.unet, path, scale, merge)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take off the adapter ``name`` (default: all of them), restoring the base weights bit for bit."""
+        from cinematic.lora import unload_lora
+
+        unload_lora(self.model.unet, name)
 
     @property
     def min_size(self) -> int:
@@ -135,7 +203,16 @@ class Pipeline:
         sampler: str = "ddim",
         eta: float | None = 0.0,
         num_videos: int = 1,
+        cache_interval: int = 1,
+        cache_depth: int = 1,
+        guidance_stop: float = 1.0,
+        strength: float = 1.0,
+        loop: bool = False,
+        freeu: bool = False,
+        freeinit: int = 0,
     ) -> Request:
+        from cinematic.conditioning import check_loop, check_strength
+
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise CinematicError("prompt must be a string or a non-empty list of strings")
@@ -160,6 +237,13 @@ class Pipeline:
             sampler=check_sampler(sampler),
             eta=None if sampler == "euler_ancestral" and eta == 0.0 else eta,
             num_videos=_check_int("num_videos", num_videos, 1, 64),
+            cache_interval=_check_int("cache interval", cache_interval, 1, 1000),
+            cache_depth=_check_int("cache depth", cache_depth, 1, len(self.model.config.unet.levels)),
+            guidance_stop=check_guidance_stop(guidance_stop),
+            strength=check_strength(strength),
+            loop=check_loop(loop, num_frames),
+            freeu=bool(freeu),
+            freeinit=_check_int("freeinit iterations", freeinit, 0, 10),
         )
 
     @torch.inference_mode()
@@ -172,6 +256,8 @@ class Pipeline:
                 limit = tokenizer.context_length
                 warnings.warn(f"prompt is longer than {limit} tokens and was truncated: {p[:60]!r}...", stacklevel=3)
         tokens = tokenizer(distinct).to(self.device)
+        if self.model.text_encoder is None:  # freed by low-memory mode
+            self.model.text_encoder = self._reload_text_encoder()
         features = self.model.text_encoder(tokens)
         index = torch.tensor([distinct.index(p) for p in prompts], device=self.device)
         return features[index]
@@ -204,11 +290,42 @@ class Pipeline:
         progress: bool = True,
         low_memory: bool = False,
         callback: Callable[[int, int], None] | None = None,
+        cache_interval: int = 1,
+        cache_depth: int = 1,
+        guidance_stop: float = 1.0,
+        init_video: str | Path | torch.Tensor | None = None,
+        strength: float = 0.6,
+        init_image: str | Path | torch.Tensor | None = None,
+        loop: bool = False,
+        freeu: bool = False,
+        freeinit: int = 0,
+        loras: Sequence[tuple[str | Path, float]] | None = None,
     ) -> Video | list[Video]:
+        """Generate; see :meth:`validate` for the settings. ``low_memory`` runs the two guidance passes one after the
+        other, frees the text encoder once the prompts are encoded (it is loaded again when next needed) and decodes
+        one frame at a time. ``cache_interval``/``cache_depth`` and ``guidance_stop`` are the fast modes of
+        :class:`Request`; each changes the result a little, and all are off by default.
+
+        ``init_video`` (a path or uint8 ``[F, H, W, 3]`` frames) is restyled with ``strength`` (ignored without it;
+        the frame count defaults to the clip's); ``init_image`` (a path or uint8 ``[H, W, 3]``) is animated from the
+        first frame; ``loop`` pins the last frame to the first (see :mod:`cinematic.conditioning`). ``freeu`` and
+        ``freeinit`` (iterations) are FreeU and FreeInit."""
+        from cinematic.conditioning import load_pictures
+
+        pictures = load_pictures(init_video, init_image)
+        if num_frames is None and pictures is not None and pictures.video is not None:
+            num_frames = len(pictures.video)
         request = self.validate(
-            prompt, negative_prompt, num_frames, height, width, steps, guidance_scale, seed, sampler, eta, num_videos
-        )
-        latents = self.sample(request, progress=progress, low_memory=low_memory, callback=callback)
+            prompt, negative_prompt, num_frames, height, width, steps, guidance_scale, seed, sampler, eta, num_videos,
+            cache_interval, cache_depth, guidance_stop, strength if init_video is not None else 1.0, loop, freeu,
+            freeinit,
+        )  # fmt: skip
+        from cinematic.lora import loras_applied
+
+        with loras_applied(self.model.unet, loras):  # ``[(path, scale), ...]`` for this call only (see load_lora)
+            latents = self.sample(
+                request, progress=progress, low_memory=low_memory, callback=callback, pictures=pictures
+            )
         frames = self.decode(latents, chunk=1 if low_memory else 8)
         fps = self.model.config.defaults.fps
         videos = [Video(f, fps=fps, metadata=self.metadata(request, i)) for i, f in enumerate(frames)]
@@ -221,9 +338,14 @@ class Pipeline:
         progress: bool = True,
         low_memory: bool = False,
         callback: Callable[[int, int], None] | None = None,
+        pictures: Pictures | None = None,
     ) -> torch.Tensor:
-        """The final latents ``[N, C, F, h, w]`` (float32), N = prompts x num_videos."""
-        from cinematic.diffusion import classifier_free_guidance, sample
+        """The final latents ``[N, C, F, h, w]`` (float32), N = prompts x num_videos. ``pictures``: what
+        video-to-video or first-frame animation starts from (:func:`cinematic.conditioning.load_pictures`)."""
+        from cinematic.conditioning import starting_point
+        from cinematic.diffusion import sample
+        from cinematic.diffusion.freeinit import free_init
+        from cinematic.models.freeu import FREEU_VIDEO, freeu
         from cinematic.progress import Progress
 
         prompts = [p for p in request.prompts for _ in range(request.num_videos)]
@@ -232,7 +354,13 @@ class Pipeline:
         if request.guidance_scale != 1.0:
             # The original encodes "" for the unconditional branch (not a zero tensor), as diffusers does.
             uncond = self.encode_prompts([request.negative_prompt or ""] * len(prompts))
-        bar = Progress(request.steps, "sampling") if progress else None
+        if low_memory:
+            self.release_text_encoder()
+        start = starting_point(self, request, pictures)
+        if start.init is not None and start.start == request.steps:
+            return start.init  # a strength that leaves no step: the encoded clip itself
+        runs = (request.steps - start.start) * (request.freeinit + 1)
+        bar = Progress(runs, "sampling") if progress else None
 
         def step_done(i: int, total: int) -> None:
             if bar is not None:
@@ -240,27 +368,77 @@ class Pipeline:
             if callback is not None:
                 callback(i, total)
 
-        guided = classifier_free_guidance(self._eps_model, cond, uncond, request.guidance_scale, batched=not low_memory)
-        noise, generator = self.initial_noise(request)
-        try:
-            return sample(
+        def run(noise: torch.Tensor) -> torch.Tensor:
+            # Guidance is built per run: the fast modes count steps, and FreeInit samples more than once.
+            guided = self.guided_eps(request, cond, uncond, batched=not low_memory, steps=request.steps - start.start)
+            pin = start.pin(noise)
+            latents = sample(
                 request.sampler,
                 guided,
                 noise,
                 request.steps,
                 eta=request.eta,
-                generator=generator,
+                generator=start.generator,
                 callback=step_done,
                 alpha_bar=self.alpha_bar,
+                init=start.init,
+                start=start.start,
+                wrap=None if pin is None else pin.wrap,
             )
+            return latents if pin is None else pin.finish(latents)
+
+        try:
+            with freeu(self.model.unet, FREEU_VIDEO if request.freeu else None):
+                return free_init(run, start.noise, request.freeinit, self.alpha_bar, start.generator)
         finally:
             if bar is not None:
                 bar.close()
 
-    def _eps_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def guided_eps(
+        self,
+        request: Request,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        batched: bool = True,
+        steps: int | None = None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The network as the sampler sees it, ``eps(x, t)``: classifier-free guidance around the UNet, with the
+        request's fast modes (guidance truncation, feature caching) when they are on. ``steps``: the steps this
+        sampling run takes (default ``request.steps``; fewer when video-to-video skips the first ones), of which
+        guidance truncation keeps the first ``guidance_stop`` fraction guided."""
+        from functools import partial
+
+        from cinematic.diffusion import TruncatedGuidance, classifier_free_guidance, guided_steps
+        from cinematic.models.feature_cache import DeepCache
+
+        cache = DeepCache(request.cache_interval, request.cache_depth) if request.cache_interval > 1 else None
+        eps_model = self._eps_model if cache is None else partial(self._eps_model, cache=cache)
+        guided = classifier_free_guidance(eps_model, cond, uncond, request.guidance_scale, batched=batched)
+        if uncond is not None and request.guidance_stop < 1.0:
+            guided = TruncatedGuidance(guided, guided_steps(steps or request.steps, request.guidance_stop))
+        if cache is None:
+            return guided
+
+        def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            cache.next_step()  # samplers evaluate the network once per step
+            return guided(x, t)
+
+        return step
+
+    def _eps_model(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: DeepCache | None = None
+    ) -> torch.Tensor:
         """The UNet in its own dtype; latents and the sampler's arithmetic stay float32, as in the original."""
         unet = self.model.unet
-        return unet(x.to(self.dtype), t, context.to(self.dtype)).float()
+        return unet(x.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
+
+    def release_text_encoder(self) -> bool:
+        """Free the text encoder's weights; it is loaded again from the model when next needed. Only a pipeline
+        made by :meth:`from_pretrained` knows how to load it again: otherwise nothing is freed (returns False)."""
+        if self._reload_text_encoder is None or self.model.text_encoder is None:
+            return False
+        self.model.text_encoder = None
+        return True
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, chunk: int = 8) -> list[torch.Tensor]:
@@ -284,4 +462,28 @@ class Pipeline:
             "fps": self.model.config.defaults.fps,
             "model": self.model.source,
             "generator": "cinematic",
-        }
+            **({"cache_interval": request.cache_interval, "cache_depth": request.cache_depth}
+               if request.cache_interval > 1 else {}),
+            **({"guidance_stop": request.guidance_stop} if request.guidance_stop < 1.0 else {}),
+            **({"strength": request.strength} if request.strength < 1.0 else {}),
+            **({"loop": True} if request.loop else {}),
+            **({"freeu": True} if request.freeu else {}),
+            **({"freeinit": request.freeinit} if request.freeinit else {}),
+        }  # fmt: skip
+
+
+def _load_text_encoder(
+    model: str | Path, device: torch.device | str, dtype: torch.dtype, compute_dtype: torch.dtype, variant: str | None
+) -> torch.nn.Module:
+    """The text encoder of ``model`` alone, as :meth:`Pipeline.from_pretrained` loaded it."""
+    from cinematic.weights import build_networks, open_source
+    from cinematic.weights.files import load_into
+
+    source = open_source(model, variant=variant)
+    network = build_networks(source.config)["text_encoder"]
+    load_into(network, source.readers["text_encoder"](dtype), f"{source.files['text_encoder']}", dtype, device)
+    if compute_dtype != dtype:
+        from cinematic.models.precision import compute_in
+
+        compute_in(network, compute_dtype)
+    return network.eval()

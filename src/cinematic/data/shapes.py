@@ -37,6 +37,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "blue": (50, 90, 220),
     "yellow": (230, 200, 50),
 }
+# Colours that the 48 captions never use, for fine-tuning experiments (a LoRA that teaches the shapes model a new
+# colour: scripts/lora_purple). Captions with them parse, and their clips render, only where ``extra=True`` is asked
+# for. Purple's hue (285 degrees) is 58 degrees from blue and 75 from red.
+EXTRA_PALETTE: dict[str, tuple[int, int, int]] = {"purple": (160, 50, 200)}
 BACKGROUND_LEVELS = (80, 170)  # the grey level is uniform in this range ...
 BACKGROUND_TINT = 6  # ... plus an independent per-channel offset in [-6, 6]: grey-ish, never coloured
 RADIUS_FRACTION = (0.12, 0.2)  # half the object's bounding box, as a fraction of the frame size
@@ -69,12 +73,14 @@ TRAIN_CAPTIONS: tuple[str, ...] = tuple(c for c in ALL_CAPTIONS if c not in HELD
 DIRECTION_STEP: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
-def parse_caption(caption: str) -> tuple[str, str, str]:
-    """``(colour, shape, direction)`` of one of the 48 captions; anything else is a :class:`CinematicError`."""
+def parse_caption(caption: str, extra: bool = False) -> tuple[str, str, str]:
+    """``(colour, shape, direction)`` of one of the 48 captions (or, with ``extra``, of a caption with a colour of
+    :data:`EXTRA_PALETTE`); anything else is a :class:`CinematicError`."""
     words = caption.split(" ") if isinstance(caption, str) else []
     if len(words) == 5 and words[0] == "a" and words[3] == "moving":
         colour, shape, direction = words[1], words[2], words[4]
-        if colour in COLOURS and shape in SHAPES and direction in DIRECTIONS:
+        known = colour in COLOURS or (extra and colour in EXTRA_PALETTE)
+        if known and shape in SHAPES and direction in DIRECTIONS:
             return colour, shape, direction
     raise CinematicError(f"not a shapes caption: {caption!r}; expected 'a <colour> <shape> moving <direction>'")
 
@@ -105,9 +111,9 @@ def _check_geometry(size: int, frames: int) -> None:
         raise CinematicError(f"shapes clips need at least 2 frames to show motion, got {frames}")
 
 
-def clip_params(caption: str, seed: int, size: int = 32, frames: int = 16) -> ClipParams:
+def clip_params(caption: str, seed: int, size: int = 32, frames: int = 16, extra: bool = False) -> ClipParams:
     """The sampled start, velocity, radius and background of the clip ``(caption, seed)``."""
-    colour, shape, direction = parse_caption(caption)
+    colour, shape, direction = parse_caption(caption, extra)
     _check_geometry(size, frames)
     rng = np.random.default_rng(seed)
     radius = rng.uniform(*RADIUS_FRACTION) * size
@@ -155,14 +161,15 @@ def coverage(params: ClipParams) -> np.ndarray:
 def render(params: ClipParams) -> np.ndarray:
     """The clip described by ``params``: uint8 ``[F, H, W, 3]``."""
     alpha = coverage(params)[..., None]  # F H W 1
-    colour = np.asarray(PALETTE[params.colour], dtype=np.float32)
+    colour = np.asarray({**PALETTE, **EXTRA_PALETTE}[params.colour], dtype=np.float32)
     background = np.asarray(params.background, dtype=np.float32)
     return np.rint(background + alpha * (colour - background)).astype(np.uint8)
 
 
-def render_clip(caption: str, seed: int, size: int = 32, frames: int = 16) -> np.ndarray:
-    """The clip for ``caption`` drawn with ``seed``: uint8 ``[F, H, W, 3]``, ``F = frames``, ``H = W = size``."""
-    return render(clip_params(caption, seed, size, frames))
+def render_clip(caption: str, seed: int, size: int = 32, frames: int = 16, extra: bool = False) -> np.ndarray:
+    """The clip for ``caption`` drawn with ``seed``: uint8 ``[F, H, W, 3]``, ``F = frames``, ``H = W = size``.
+    ``extra`` also draws the colours of :data:`EXTRA_PALETTE`."""
+    return render(clip_params(caption, seed, size, frames, extra))
 
 
 def item_seed(seed: int, index: int) -> int:

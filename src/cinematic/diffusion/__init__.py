@@ -6,7 +6,9 @@ from cinematic.diffusion.denoisers import (
     DiscreteEpsDenoiser,
     EpsModel,
     GuidedEps,
+    TruncatedGuidance,
     classifier_free_guidance,
+    guided_steps,
 )
 from cinematic.diffusion.samplers import (
     SAMPLERS,
@@ -28,9 +30,11 @@ __all__ = [
     "EpsModel",
     "GuidedEps",
     "SamplerSpec",
+    "TruncatedGuidance",
     "alpha_bar_scaled_linear",
     "classifier_free_guidance",
     "get_sampler",
+    "guided_steps",
     "sample",
     "sample_ddim",
     "sample_dpmpp_2m",

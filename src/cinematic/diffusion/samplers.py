@@ -210,6 +210,9 @@ def sample(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     alpha_bar: Tensor | None = None,
+    init: Tensor | None = None,
+    start: int = 0,
+    wrap: Callable[[Callable[[Tensor, Tensor], Tensor]], Callable[[Tensor, Tensor], Tensor]] | None = None,
 ) -> Tensor:
     """Denoise ``noise`` with the named sampler in ``steps`` network evaluations; return the VP latent to decode.
 
@@ -219,15 +222,23 @@ def sample(
     defaults to the sampler's own (0 for DDIM, 1 for Euler ancestral) and must stay 0 for the deterministic ones.
     ``generator`` feeds the per-step noise of the stochastic samplers. ``alpha_bar`` defaults to the model's
     scaled-linear schedule.
+
+    ``init`` (video-to-video, see :mod:`cinematic.conditioning`): a clean latent; sampling then skips the grid's
+    first ``start`` steps and begins from ``init + sigma * noise``, diffusers' ``add_noise`` in VE form. ``wrap``
+    wraps the denoiser (pinned frames).
     """
     spec = get_sampler(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= schedule.NUM_TRAIN_TIMESTEPS:
         raise CinematicError(f"steps must be an integer from 1 to {schedule.NUM_TRAIN_TIMESTEPS}, not {steps!r}")
     alpha_bar = schedule.alpha_bar_scaled_linear() if alpha_bar is None else alpha_bar.to("cpu", torch.float64)
-    sigmas = spec.sigmas(alpha_bar, steps)
+    sigmas = spec.sigmas(alpha_bar, steps)[start:]
     denoiser = DiscreteEpsDenoiser(eps_model, alpha_bar, spec.interpolation, spec.quantize)
+    denoiser = denoiser if wrap is None else wrap(denoiser)
     sigma_max, sigma_min = sigmas[0].item(), sigmas[-1].item()
-    x = noise * (math.sqrt(1 + sigma_max**2) if spec.noise_is_vp else sigma_max)
+    if init is not None:
+        x = init + sigma_max * noise
+    else:
+        x = noise * (math.sqrt(1 + sigma_max**2) if spec.noise_is_vp else sigma_max)
     eta = spec.default_eta if eta is None else float(eta)
     x = spec.fn(denoiser, x, sigmas, eta=eta, generator=generator, callback=callback)
     return x * (1 + sigma_min**2) ** -0.5

@@ -38,6 +38,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write the report (and the settings) to this JSON file")
     parser.add_argument("--save-videos", type=Path, metavar="DIR", help="also write every video to DIR as .mp4")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
+    parser.add_argument("--freeu", action="store_true", help="sample with FreeU (see cinematic generate --freeu)")
+    parser.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit iterations (default 0: off)")
     parser.set_defaults(run=cmd_eval)
     return parser
 
@@ -72,7 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for seed in range(args.seeds):
         for first in range(0, len(captions), args.batch):
             chunk = captions[first : first + args.batch]
-            for caption, frames in zip(chunk, generate(pipe, chunk, seed, args.steps, args.guidance, args.sampler)):
+            made = generate(pipe, chunk, seed, args.steps, args.guidance, args.sampler, args.freeu, args.freeinit)
+            for caption, frames in zip(chunk, made):
                 videos[caption].append(frames)
         print(f"seed {seed}: {len(captions)} videos, {time.perf_counter() - began:.0f} s so far", file=sys.stderr)
     seconds = time.perf_counter() - began
@@ -89,6 +92,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "steps": args.steps,
             "guidance": args.guidance,
             "sampler": args.sampler,
+            **({"freeu": True} if args.freeu else {}),
+            **({"freeinit": args.freeinit} if args.freeinit else {}),
             "device": device,
             "seconds": round(seconds, 1),
         }
@@ -97,13 +102,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def generate(pipe: Any, captions: Sequence[str], seed: int, steps: int, guidance: float, sampler: str) -> list:
+def generate(
+    pipe: Any,
+    captions: Sequence[str],
+    seed: int,
+    steps: int,
+    guidance: float,
+    sampler: str,
+    freeu: bool = False,
+    freeinit: int = 0,
+) -> list:
     """One video per caption, each from the noise of ``seed``, at the model's trained clip size: uint8 numpy
     ``[F, H, W, 3]`` each."""
     d = pipe.model.config.defaults
     request = pipe.validate(
         list(captions), num_frames=d.frames, height=d.height, width=d.width, steps=steps, guidance_scale=guidance,
-        seed=seed, sampler=sampler,
+        seed=seed, sampler=sampler, freeu=freeu, freeinit=freeinit,
     )  # fmt: skip
     frames = pipe.decode(pipe.sample(request, progress=False))
     return [f.cpu().numpy() for f in frames]

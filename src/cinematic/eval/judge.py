@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cinematic.data.shapes import COLOURS, HELD_OUT, PALETTE, TRAIN_CAPTIONS, parse_caption
+from cinematic.data.shapes import COLOURS, EXTRA_PALETTE, HELD_OUT, PALETTE, TRAIN_CAPTIONS, parse_caption
 from cinematic.errors import CinematicError
 
 MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing is an object (of 255 * sqrt 3)
@@ -49,15 +49,20 @@ def _hue(rgb: np.ndarray) -> np.ndarray:
 
 
 PALETTE_HUES = {name: float(_hue(np.asarray(PALETTE[name], dtype=np.float64))) for name in COLOURS}
+# The extra colours (purple) are candidates only when asked for: adding a hue moves the boundaries of its neighbours
+# (blue and red here), and the standard evaluation must keep reading the four colours as it always has.
+EXTRA_HUES = {name: float(_hue(np.asarray(rgb, dtype=np.float64))) for name, rgb in EXTRA_PALETTE.items()}
 
 
-def classify_colour(rgb: Sequence[float]) -> str | None:
-    """The palette colour nearest in hue to ``rgb``, or ``None`` for a grey (chroma below :data:`MIN_CHROMA`)."""
+def classify_colour(rgb: Sequence[float], extra: bool = False) -> str | None:
+    """The palette colour nearest in hue to ``rgb``, or ``None`` for a grey (chroma below :data:`MIN_CHROMA`).
+    ``extra`` adds the colours of ``EXTRA_PALETTE`` (purple) to the candidates."""
     rgb = np.asarray(rgb, dtype=np.float64)
     if rgb.max() - rgb.min() < MIN_CHROMA:
         return None
     hue = float(_hue(rgb))
-    distance = {name: abs((hue - h + 180.0) % 360.0 - 180.0) for name, h in PALETTE_HUES.items()}
+    hues = {**PALETTE_HUES, **EXTRA_HUES} if extra else PALETTE_HUES
+    distance = {name: abs((hue - h + 180.0) % 360.0 - 180.0) for name, h in hues.items()}
     return min(distance, key=distance.get)
 
 
@@ -189,7 +194,7 @@ def _moments(alpha: np.ndarray) -> dict[str, np.ndarray]:
     return {"area": area, "cx": cx, "cy": cy, "skew": skew, "squareness": diagonal - axial}
 
 
-def read_frames(frames: np.ndarray) -> tuple[FrameReading, ...]:
+def read_frames(frames: np.ndarray, extra: bool = False) -> tuple[FrameReading, ...]:
     """One :class:`FrameReading` per frame of a uint8 ``[F, H, W, 3]`` video."""
     found, rgb, alpha = segment(frames)
     m = _moments(alpha)
@@ -207,7 +212,7 @@ def read_frames(frames: np.ndarray) -> tuple[FrameReading, ...]:
                 rgb=tuple(float(c) for c in rgb[f]),
                 skew=skew,
                 squareness=squareness,
-                colour=classify_colour(rgb[f]),
+                colour=classify_colour(rgb[f], extra),
                 shape=classify_shape(skew, squareness),
             )
         )
@@ -239,13 +244,14 @@ def _direction(readings: Sequence[FrameReading], size: int) -> tuple[str | None,
     return ("down" if dy > 0 else "up"), (dx, dy)  # image y grows downwards
 
 
-def judge_video(frames: np.ndarray) -> Verdict:
-    """Read the colour, shape and motion of the main object in a uint8 ``[F, H, W, 3]`` video."""
+def judge_video(frames: np.ndarray, extra: bool = False) -> Verdict:
+    """Read the colour, shape and motion of the main object in a uint8 ``[F, H, W, 3]`` video (``extra``: the
+    colour may also be one of ``EXTRA_PALETTE``)."""
     frames = np.asarray(frames)
     well_formed = frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) > 0 and min(frames.shape[1:3]) >= 3
     if frames.dtype != np.uint8 or not well_formed:
         raise CinematicError(f"judge_video expects uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
-    readings = read_frames(frames)
+    readings = read_frames(frames, extra)
     total = len(readings)
     colour, colour_consistency = _majority([r.colour for r in readings], total)
     shape, shape_consistency = _majority([r.shape for r in readings], total)
@@ -254,9 +260,9 @@ def judge_video(frames: np.ndarray) -> Verdict:
     return Verdict(colour, shape, direction, colour_consistency, shape_consistency, presence, displacement, readings)
 
 
-def score(verdict: Verdict, caption: str) -> dict[str, bool]:
+def score(verdict: Verdict, caption: str, extra: bool = False) -> dict[str, bool]:
     """Which of the caption's attributes the verdict got right: keys ``colour``, ``shape``, ``direction``, ``all``."""
-    colour, shape, direction = parse_caption(caption)
+    colour, shape, direction = parse_caption(caption, extra)
     right = {
         "colour": verdict.colour == colour,
         "shape": verdict.shape == shape,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cinematic.errors import CinematicError
+from cinematic.models.feature_cache import DeepCache
 from cinematic.models.layers import GroupNorm
 from cinematic.models.unet3d_blocks import (
     DownBlock3D,
@@ -147,27 +148,42 @@ class UNet3D(nn.Module):
         emb = timestep_embedding(t, self.config.levels[0].channels)
         return self.time_embedding(emb.to(self.dtype))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, cache: DeepCache | None = None
+    ) -> torch.Tensor:
+        """``cache``: optional feature caching across steps (see :mod:`cinematic.models.feature_cache`); on a
+        cached step only the first ``cache.depth`` levels of the encoder and the last of the decoder run."""
         b, _, frames, _, _ = x.shape
-        ckpt = self.gradient_checkpointing
+        deep = None
+        if cache is not None:
+            cache.check_depth(len(self.down_blocks))
+            deep = cache.lookup(x, context)
+        levels = len(self.down_blocks) if deep is None else cache.depth
         # Time embedding and text context are per video; every frame gets its video's copy.
         temb = self.embed_time(t, b, x.device).repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
-        context = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
+        context_f = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
 
         h = self.conv_in(fold_frames(x))  # [B,C,F,H,W] -> [(B F),C,H,W]
         h = self.transformer_in(h, frames)
         skips = [h]
-        for down in self.down_blocks:
-            h, level_skips = down(h, temb, context, frames, ckpt)
+        for i, down in enumerate(self.down_blocks[:levels]):
+            # A cached step skips the last kept level's downsampler: only the deeper levels read its output.
+            downsample = deep is None or i < levels - 1
+            h, level_skips = down(h, temb, context_f, frames, self.gradient_checkpointing, downsample)
             skips.extend(level_skips)
 
-        h = self.mid_block(h, temb, context, frames, ckpt)
-
-        for up in self.up_blocks:
+        first_up = 0
+        if deep is None:
+            h = self.mid_block(h, temb, context_f, frames, self.gradient_checkpointing)
+        else:
+            h, first_up = deep, len(self.up_blocks) - cache.depth
+        for i, up in enumerate(self.up_blocks[first_up:], start=first_up):
+            if cache is not None and deep is None and i == len(self.up_blocks) - cache.depth:
+                cache.store(x, context, h)
             level_skips, skips = skips[-len(up.resnets) :], skips[: -len(up.resnets)]
             # Upsample to the exact size of the next skip (ceil-halving in the encoder makes odd sizes lossy).
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = up(h, level_skips, temb, context, frames, size, ckpt)
+            h = up(h, level_skips, temb, context_f, frames, size, self.gradient_checkpointing)
 
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
         return unfold_frames(h, frames)  # [(B F),C,H,W] -> [B,C,F,H,W]

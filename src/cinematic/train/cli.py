@@ -50,6 +50,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     _option(start, "--tokenizer", "a tokenizer folder (default: the init model's, or one trained on the captions)")
     _option(start, "--train", "what trains, '+'-joined: " + _parts_help(), dest="parts")
 
+    lora = parser.add_argument_group("LoRA (train adapters on the UNet's attention of the --init model, nothing else)")
+    _option(lora, "--lora", "train LoRA adapters of this rank; checkpoints hold the adapter", type=int, metavar="RANK")
+    _option(lora, "--lora-alpha", "scale the adapters' update by alpha / rank (default: alpha = rank)", type=float)
+    _option(lora, "--lora-targets", "which attention layers", choices=("spatial", "temporal", "both"))
+
     data = parser.add_argument_group("data")
     _option(data, "--data", "'shapes', or a captions .jsonl/.csv (path, caption; paths relative to it) or its folder")
     _option(data, "--frames", "frames per clip (default: the model's trained clip, else the data's)", type=int)

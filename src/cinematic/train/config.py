@@ -70,6 +70,11 @@ class TrainConfig:
     stop_at: int | None = None  # end this run after that step, keeping the schedule of ``steps`` (train in slices)
     workers: int = 0  # data-loading processes; 0 loads in the training process
     progress: bool = True  # a progress line on stderr
+    # LoRA: train rank-``lora`` adapters on the UNet's attention projections (``lora_targets``: spatial, temporal or
+    # both) and nothing else; checkpoints then hold the adapter (see ``models/lora.py``). None: train the weights.
+    lora: int | None = None
+    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
+    lora_targets: str = "both"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -88,6 +93,7 @@ class TrainConfig:
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise CinematicError(f"stop_at must be a step from 1 to steps={self.steps}, not {self.stop_at}")
         self.trained_parts()  # raises on a bad ``parts``
+        self._check_lora()
 
     def _check_counts(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "frame_stride", "save_every", "sample_steps")
@@ -116,6 +122,24 @@ class TrainConfig:
                 raise CinematicError(f"{name.replace('_', ' ')} must be a number in [0, 1), not {value!r}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise CinematicError(f"adam betas must be two numbers in [0, 1), not {self.adam_betas!r}")
+
+    def _check_lora(self) -> None:
+        if self.lora is None:
+            if self.lora_alpha is not None or self.lora_targets != "both":
+                raise CinematicError("--lora-alpha and --lora-targets need --lora RANK")
+            return
+        from cinematic.models.lora import LoRAConfig
+
+        LoRAConfig(self.lora, self.lora_alpha, self.lora_targets)  # raises on a bad rank, alpha or targets
+        if self.stage != "unet" or self.init is None or self.parts is not None:
+            raise CinematicError("--lora trains adapters on the UNet of a model: give --init MODEL, and no --train or "
+                                 "--stage vae")  # fmt: skip
+
+    def lora_config(self):
+        """The :class:`cinematic.models.lora.LoRAConfig` of a LoRA run (None otherwise)."""
+        from cinematic.models.lora import LoRAConfig
+
+        return None if self.lora is None else LoRAConfig(self.lora, self.lora_alpha, self.lora_targets)
 
     def trained_parts(self) -> frozenset[str]:
         """The parts that train, validated: e.g. ``{"unet", "text"}`` or ``{"temporal"}``."""

@@ -86,15 +86,16 @@ def _open_run(config: TrainConfig, dataset: VideoDataset | None, checkpoint: Pat
     base: Defaults | None = None
     if state is not None:
         _check_same_run(config, state, checkpoint)
-        base = read_native(checkpoint).config.defaults
+        # A LoRA checkpoint holds an adapter, not a model: its clip size is that of the model it adapts.
+        base = starting_config(config).defaults if config.lora else read_native(checkpoint).config.defaults
     elif config.preset is None:
         base = starting_config(config).defaults  # also says so when there is nothing to start from
     dataset, clip, texts = _dataset(config, dataset, base)
-    if state is not None:
+    if state is not None and config.lora is None:
         model, fresh, start = _resumed_model(checkpoint, state, device), bool(state["fresh"]), int(state["step"])
-    else:
+    else:  # a LoRA run resumes on its base model; the Trainer puts the adapter back from the state
         model, fresh = starting_model(config, texts(), device)
-        start = 0
+        start = int(state["step"]) if state is not None else 0
     factor = model.config.vae.downsample_factor
     if clip[1] % factor or clip[2] % factor:
         raise CinematicError(f"clips of {clip[2]}x{clip[1]} pixels: width and height must be multiples of {factor}")
@@ -163,7 +164,12 @@ class Trainer:
         self.run, self.config, self.model = run, run.config, run.model
         c, model = run.config, run.model
         _own_storage(model)
-        self.trainable = select_trainable(model, c.stage, c.trained_parts())
+        if c.lora is not None:
+            from cinematic.train.lora import lora_trainable
+
+            self.trainable = lora_trainable(model, c.lora_config(), c.seed, run.state)
+        else:
+            self.trainable = select_trainable(model, c.stage, c.trained_parts())
         self.params = [p for named in self.trainable.values() for _, p in named]
         if not self.params:
             raise CinematicError(f"{c.parts or c.stage}: this model has no such parameters to train")
@@ -257,6 +263,10 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
+        if c.lora is not None:
+            from cinematic.train.lora import save_lora_checkpoint
+
+            return save_lora_checkpoint(c.out, done, model, self.ema, self.trainable, state, c)
         keep = c.keep_checkpoints
         return save_checkpoint(c.out, done, model, self.ema, state, self.tokenizer_dir, c.save_dtype, keep)
 
@@ -319,7 +329,7 @@ class Trainer:
         c, run = self.config, self.run
         trained = sum(p.numel() for p in self.params)
         total = sum(p.numel() for name in COMPONENTS for p in getattr(self.model, name).parameters())
-        what = "+".join(sorted(c.trained_parts()))
+        what = "+".join(sorted(c.trained_parts())) if c.lora is None else f"LoRA rank {c.lora} ({c.lora_targets})"
         source = "resumed from step " + str(start) if run.state else (c.init or f"fresh {c.preset}")
         print(
             f"training {what} ({trained:,} of {total:,} parameters), {source}; {len(run.dataset):,} clips of "
