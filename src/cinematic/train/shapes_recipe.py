@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cinematic.models.components import Defaults, ModelConfig, ScheduleConfig
+from cinematic.models.components import Defaults, ModelConfig
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig, UNetLevel
 from cinematic.models.vae import VAEConfig
@@ -44,13 +44,6 @@ MODEL = ModelConfig(
     # CLIP's 77 positions, although five-word captions need 7: loaders build the tokenizer at 77 positions.
     text_encoder=TextEncoderConfig(vocab_size=600, context_length=77, width=64, layers=2, heads=2, mlp_width=256),
     vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_groups=8, latent_channels=4),
-    # Scaled-linear betas as the published model's, but ending at 0.03 instead of 0.012: alpha_bar at t=999 is
-    # 5.7e-6 instead of 4.7e-3. With SD's schedule the noisiest training inputs still show where a bright object on
-    # a flat background is and where it goes (the first run's x0 estimate at t=999 correlated 0.60 with its own
-    # clip against 0.34 with another), so the UNet took position and motion from the noise and never from the
-    # caption, and sampling from pure noise gave random motion. A video of one object in 8x8x4 latents carries
-    # far less information than a photograph, and needs far more noise to hide it.
-    schedule=ScheduleConfig(beta_end=0.03),
     defaults=Defaults(frames=16, height=32, width=32, fps=8),
 )
 
@@ -61,13 +54,12 @@ MODEL = ModelConfig(
 STAGES: dict[str, dict[str, Any]] = {
     "vae": {"steps": 1800, "batch_size": 2, "lr": 1.5e-3, "warmup_steps": 50, "ema_decay": 0.995, "save_dtype": "fp32"},
     "unet": {
-        "steps": 2400,
+        "steps": 1600,
         "batch_size": 8,
         "lr": 1e-3,
         "warmup_steps": 100,
         "ema_decay": 0.998,
         "caption_dropout": 0.1,
-        "dropout": 0.0,
         "save_dtype": "fp32",
     },
     "decoder": {
