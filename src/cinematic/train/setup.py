@@ -2,9 +2,8 @@
 
 A run starts from an existing model (``init``: any layout that ``cinematic.weights.load`` reads, so the published
 weights can be fine-tuned) or from a preset / ModelConfig JSON with a fresh random init. Fresh networks are built
-on the CPU for real (not on ``meta``), from a seeded generator, with their own init (OpenCLIP's text init; random
-temporal output convs where a UNet3D has zeros: see ``_unzero_temporal_outputs``). The tokenizer of a fresh model is
-trained on the run's captions.
+on the CPU for real (not on ``meta``), from a seeded generator, with their own init (zero-initialised temporal
+output convs, OpenCLIP's text init). The tokenizer of a fresh model is trained on the run's captions.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ def fresh_model(model_config: ModelConfig, captions: Sequence[str], tokenizer: s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, INIT))
         unet = UNet3D(model_config.unet)
-        _unzero_temporal_outputs(unet)
         text_encoder = TextEncoder(model_config.text_encoder)
         vae = VAE(model_config.vae)
     text = model_config.text_encoder
@@ -73,19 +71,6 @@ def fresh_model(model_config: ModelConfig, captions: Sequence[str], tokenizer: s
     else:
         vocab = train_tokenizer(captions, vocab_size=text.vocab_size, context_length=text.context_length)
     return Model(model_config, unet, text_encoder, vae, vocab, source="", format="cinematic")
-
-
-def _unzero_temporal_outputs(unet: nn.Module) -> None:
-    """Give the temporal convs' last layers a normal random init instead of the references' zeros.
-
-    Zeros make an untrained temporal layer the identity, which is what adding motion to a trained image model
-    needs. From scratch they only delay the temporal layers: a zero last layer passes no gradient to the three
-    before it, and those convs' zero padding is the UNet's only source of frame order (the temporal attention has
-    no position embedding), so motion was the last thing a short run learned.
-    """
-    for name, module in unet.named_modules():
-        if name.endswith("conv4") and isinstance(module, nn.Sequential):
-            module[-1].reset_parameters()
 
 
 def load_vae(model: str, device: torch.device) -> tuple[nn.Module, ModelConfig]:
