@@ -95,7 +95,15 @@ def test_ctrl_c_during_sampling_leaves_no_file(model, tmp_path):
     out = tmp_path / "clip.mp4"
     cmd = [sys.executable, "-m", "cinematic", "generate", "a cat", "-o", str(out), "--model", model, "--seed", "1"]
     cmd += ["--steps", "400", "--frames", "2", "--height", "32", "--width", "32"]
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # A job started in the background by a non-interactive shell inherits SIGINT as ignored, and Python then installs
+    # no KeyboardInterrupt handler; give the child the default disposition, as a terminal's Ctrl-C would find it.
+    process = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = []
     for line in process.stderr:  # the progress bar prints every tenth of the way in a non-terminal
         seen.append(line)
