@@ -99,22 +99,9 @@ def modelscope_model_cfg(unet: UNet3DConfig) -> dict[str, Any]:
 
 def unetsd_from_cfg(cfg: dict[str, Any]):
     """ModelScope's ``UNetSD``, built from ``model_cfg`` exactly as its ``TextToVideoSynthesis`` model builds it."""
-    from modelscope.models.multi_modal.video_synthesis.unet_sd import UNetSD
+    from tests.factories import build_unetsd
 
-    return UNetSD(
-        in_dim=cfg["unet_in_dim"],
-        dim=cfg["unet_dim"],
-        y_dim=cfg["unet_y_dim"],
-        context_dim=cfg["unet_context_dim"],
-        out_dim=cfg["unet_out_dim"],
-        dim_mult=cfg["unet_dim_mult"],
-        num_heads=cfg["unet_num_heads"],
-        head_dim=cfg["unet_head_dim"],
-        num_res_blocks=cfg["unet_res_blocks"],
-        attn_scales=cfg["unet_attn_scales"],
-        dropout=cfg["unet_dropout"],
-        temporal_attention=cfg["temporal_attention"] == "True",
-    )
+    return build_unetsd(cfg, temporal_attention=cfg["temporal_attention"] == "True")
 
 
 def ldm_ddconfig(vae: VAEConfig) -> dict[str, Any]:

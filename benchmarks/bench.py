@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.factories builds the reference models
 
 from _bench_models import folders_complete, model_folders  # noqa: E402
 from _common import GIB, machine, markdown_table, median, run_child  # noqa: E402

@@ -172,10 +172,11 @@ MODELSCOPE_TINY_DDCONFIG = {
 }
 
 
-def modelscope_unet(cfg: dict = MODELSCOPE_TINY_CFG):
+def build_unetsd(cfg: dict, temporal_attention: bool = True):
+    """ModelScope's ``UNetSD`` from a ``model_cfg`` dict, as its ``TextToVideoSynthesis`` builds it."""
     from modelscope.models.multi_modal.video_synthesis.unet_sd import UNetSD
 
-    unet = UNetSD(
+    return UNetSD(
         in_dim=cfg["unet_in_dim"],
         dim=cfg["unet_dim"],
         y_dim=cfg["unet_y_dim"],
@@ -187,8 +188,12 @@ def modelscope_unet(cfg: dict = MODELSCOPE_TINY_CFG):
         num_res_blocks=cfg["unet_res_blocks"],
         attn_scales=cfg["unet_attn_scales"],
         dropout=cfg["unet_dropout"],
-        temporal_attention=True,
+        temporal_attention=temporal_attention,
     )
+
+
+def modelscope_unet(cfg: dict = MODELSCOPE_TINY_CFG):
+    unet = build_unetsd(cfg)
     return randomize_zero_params(unet).eval()
 
 

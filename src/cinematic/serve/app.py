@@ -266,14 +266,7 @@ def _check_with_pipeline(service: Service, p: Params) -> None:
     try:
         service.workers[0].pipeline.validate(
             p.prompt,
-            negative_prompt=p.negative_prompt,
-            num_frames=p.frames,
-            height=p.height,
-            width=p.width,
-            steps=p.steps,
-            guidance_scale=p.guidance,
-            seed=p.seed,
-            sampler=p.sampler,
+            **p.pipeline_kwargs(),
         )
     except CinematicError as error:
         field = str(error).split(" ", 1)[0]

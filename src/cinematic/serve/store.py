@@ -73,6 +73,19 @@ class Params:
     sampler: str
     fps: float
 
+    def pipeline_kwargs(self) -> dict:
+        """The keyword arguments of ``Pipeline.validate`` and ``Pipeline.__call__`` that these settings fill."""
+        return {
+            "negative_prompt": self.negative_prompt,
+            "num_frames": self.frames,
+            "height": self.height,
+            "width": self.width,
+            "steps": self.steps,
+            "guidance_scale": self.guidance,
+            "seed": self.seed,
+            "sampler": self.sampler,
+        }
+
 
 @dataclass(frozen=True)
 class Job:

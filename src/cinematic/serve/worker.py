@@ -127,14 +127,7 @@ class Worker(threading.Thread):
             torch.set_num_threads(self.threads)
         clip = self.pipeline(
             p.prompt,
-            negative_prompt=p.negative_prompt,
-            num_frames=p.frames,
-            height=p.height,
-            width=p.width,
-            steps=p.steps,
-            guidance_scale=p.guidance,
-            seed=p.seed,
-            sampler=p.sampler,
+            **p.pipeline_kwargs(),
             progress=False,
             callback=self._step,
         )
