@@ -20,7 +20,7 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from cinematic.diffusion import SAMPLERS, classifier_free_guidance, sample
+from cinematic.diffusion import SAMPLERS, DiscreteDenoiser, classifier_free_guidance, prediction_target, sample
 from cinematic.diffusion import schedule as sch
 from cinematic.diffusion.samplers import sample_dpmpp_2m, sample_euler
 from cinematic.errors import CinematicError
@@ -87,6 +87,7 @@ def run_diffusers(s, x_T: torch.Tensor, steps: int, generator=None, **step_kwarg
 
 
 def run_ours(name: str, x_T: torch.Tensor, steps: int, **kwargs):
+    # kwargs: eta, generator, prediction
     rec = Recorder()
     return sample(name, rec, x_T, steps, **kwargs), rec.calls
 
@@ -238,12 +239,14 @@ TRAJECTORIES = [
 
 def compare(name, s, steps, step_kwargs):
     """Run diffusers' loop and ours from the same noise; stochastic ones from equally seeded CPU generators, which
-    line up because both draw one randn of the latent's shape and dtype per step, in the same order."""
+    line up because both draw one randn of the latent's shape and dtype per step, in the same order. The network
+    output means what the diffusers scheduler's ``prediction_type`` says."""
     x_T = noise()
     stochastic = name == "euler_ancestral" or step_kwargs.get("eta", 0) > 0
     gen = (lambda: torch.Generator().manual_seed(7)) if stochastic else (lambda: None)
     ref = run_diffusers(s, x_T, steps, generator=gen(), **step_kwargs)
-    ours = run_ours(name, x_T, steps, generator=gen(), eta=step_kwargs.get("eta"))
+    prediction = s.config.prediction_type
+    ours = run_ours(name, x_T, steps, generator=gen(), eta=step_kwargs.get("eta"), prediction=prediction)
     return ours, ref
 
 
@@ -252,6 +255,37 @@ def test_trajectory_matches_diffusers_float64(name, cls, overrides, steps, step_
     s = diffusers_scheduler(float64_diffusers(cls), **overrides)
     # Measured: <= 5e-15 absolute (<= 1e-12 relative) on latents of size ~3, network timesteps identical.
     assert_same_trajectory(*compare(name, s, steps, step_kwargs), rtol=1e-10, atol=1e-10)
+
+
+V_TRAJECTORIES = [
+    ("ddim", DDIMScheduler, {"prediction_type": "v_prediction"}, 50, {}),
+    ("ddim", DDIMScheduler, {"prediction_type": "v_prediction"}, 25, {"eta": 1.0}),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {"prediction_type": "v_prediction"}, 25, {}),
+    ("euler", EulerDiscreteScheduler, {"prediction_type": "v_prediction"}, 25, {}),
+    ("euler_ancestral", EulerAncestralDiscreteScheduler, {"prediction_type": "v_prediction"}, 25, {}),
+]
+
+
+@pytest.mark.parametrize(("name", "cls", "overrides", "steps", "step_kwargs"), V_TRAJECTORIES)
+def test_v_prediction_trajectory_matches_diffusers_float64(name, cls, overrides, steps, step_kwargs):
+    """The same network read as v instead of ε (the bundled shapes model): every sampler follows diffusers' own
+    ``prediction_type="v_prediction"`` branch."""
+    s = diffusers_scheduler(float64_diffusers(cls), **overrides)
+    assert_same_trajectory(*compare(name, s, steps, step_kwargs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_denoiser_inverts_the_training_target(prediction):
+    """A network that outputs exactly the training target of (x0, eps) at t makes the denoiser return x0: the
+    training loss and the samplers read the network the same way."""
+    x0, eps = noise(3), noise(4)
+    for t in (0, 1, 500, 981, 999):
+        signal, sigma_noise = ALPHA_BAR[t].sqrt(), (1 - ALPHA_BAR[t]).sqrt()
+        target = prediction_target(prediction, x0, eps, signal, sigma_noise)
+        sigma = sigma_noise / signal
+        denoiser = DiscreteDenoiser(lambda x, tt, out=target: out, ALPHA_BAR, prediction=prediction)
+        x_ve = x0 + sigma * eps  # the VE latent of x_t = signal * x0 + noise * eps
+        torch.testing.assert_close(denoiser(x_ve, sigma), x0, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize(("name", "cls", "overrides", "steps", "step_kwargs"), TRAJECTORIES)

@@ -83,8 +83,15 @@ def _lora_specs(specs: list[str]) -> list[tuple[str, float]]:
 def cmd_generate(args: argparse.Namespace) -> None:
     from cinematic.pipeline import check_guidance, check_guidance_stop, check_sampler, random_seed
 
-    if not args.prompt.strip():
-        raise CinematicError("the prompt is empty; describe the video to generate")
+    if args.prompt_schedule is not None:
+        from cinematic.diffusion.windows import parse_prompt_schedule
+
+        schedule = parse_prompt_schedule(args.prompt_schedule, args.frames)
+        if args.prompt:
+            raise CinematicError("give a prompt or --prompt-schedule, not both")
+        args.prompt = schedule[0][1]  # names the output file
+    elif not args.prompt or not args.prompt.strip():
+        raise CinematicError("the prompt is empty; describe the video to generate (or give --prompt-schedule)")
     check_sampler(args.sampler)
     check_guidance(args.guidance)
     check_guidance_stop(args.guidance_stop)
@@ -140,6 +147,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         cache_interval=args.cache_interval,
         cache_depth=args.cache_depth,
         guidance_stop=args.guidance_stop,
+        prompt_schedule=args.prompt_schedule,
+        window=args.window,
+        window_stride=args.window_stride,
         **pictures,
     )
     for clip, path in zip(videos if isinstance(videos, list) else [videos], paths):
@@ -156,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser("generate", help="generate a video from a text prompt")
-    gen.add_argument("prompt", help="what the video shows, in English")
+    gen.add_argument("prompt", nargs="?", help="what the video shows, in English")
     gen.add_argument("-o", "--output", help="output file: .mp4 (default), .webm, .gif, .webp, or a folder for PNGs")
     gen.add_argument("--model", default="shapes", help="bundled name, model folder or hub id (default: shapes)")
     gen.add_argument("--negative", help="negative prompt (default: the empty prompt, as the original)")
@@ -207,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--freeinit", type=int, default=0, metavar="N",
         help="FreeInit: sample N more times from low-frequency re-initialised noise (default 0: off)",
+    )  # fmt: skip
+    long = gen.add_argument_group("long videos and prompt schedules")
+    long.add_argument(
+        "--prompt-schedule", metavar="SCHEDULE",
+        help='prompts over time, in place of PROMPT: "0: a red circle moving right | 32: a red circle moving left"',
+    )  # fmt: skip
+    long.add_argument(
+        "--window", type=int, metavar="W",
+        help="longer clips run through the UNet in overlapping windows of W frames (default: the model's trained "
+        "length, 16); 0 runs the whole clip at once",
+    )  # fmt: skip
+    long.add_argument(
+        "--window-stride", type=int, metavar="S", help="frames between window starts (default W/2; smaller is "
+        "smoother and slower)",
     )  # fmt: skip
     gen.add_argument("--tokenizer", help="folder with vocab.json and merges.txt, for ModelScope folders without one")
     gen.add_argument(

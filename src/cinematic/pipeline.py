@@ -71,6 +71,15 @@ class Request:
     loop: bool = False
     freeu: bool = False
     freeinit: int = 0
+    # Long videos (see cinematic.diffusion.windows): frames per UNet window (0: the whole clip in one) and the
+    # stride between windows; per-frame prompts ``((start_frame, prompt), ...)`` replace ``prompts`` when given.
+    window: int = 0
+    window_stride: int = 0
+    prompt_schedule: tuple[tuple[int, str], ...] | None = None
+
+    @property
+    def windowed(self) -> bool:
+        return 0 < self.window < self.num_frames
 
     @property
     def count(self) -> int:
@@ -210,8 +219,12 @@ class Pipeline:
         loop: bool = False,
         freeu: bool = False,
         freeinit: int = 0,
+        prompt_schedule: str | None = None,
+        window: int | None = None,
+        window_stride: int | None = None,
     ) -> Request:
         from cinematic.conditioning import check_loop, check_strength
+        from cinematic.diffusion.windows import parse_prompt_schedule
 
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -225,10 +238,21 @@ class Pipeline:
         num_frames = defaults.frames if num_frames is None else num_frames
         height = defaults.height if height is None else height
         width = defaults.width if width is None else width
+        num_frames = _check_int("frames", num_frames, 1, 1024)
+        window = defaults.frames if window is None else _check_int("window", window, 0, 1024)
+        if 0 < window < 2:
+            raise CinematicError(f"window must be 0 (the whole clip at once) or at least 2 frames, not {window}")
+        stride = max(1, window // 2) if window_stride is None else window_stride
+        stride = _check_int("window stride", stride, 1, max(window, 1))
+        schedule = None
+        if prompt_schedule is not None:
+            schedule = parse_prompt_schedule(prompt_schedule, num_frames)
+            if len(prompts) != 1:
+                raise CinematicError("a prompt schedule takes the place of one prompt; give one prompt, not a list")
         return Request(
             prompts=prompts,
             negative_prompt=negative_prompt,
-            num_frames=_check_int("frames", num_frames, 1, 1024),
+            num_frames=num_frames,
             height=check_size("height", height, self.min_size),
             width=check_size("width", width, self.min_size),
             steps=_check_int("steps", steps, 1, self.model.config.schedule.num_train_timesteps),
@@ -244,6 +268,9 @@ class Pipeline:
             loop=check_loop(loop, num_frames),
             freeu=bool(freeu),
             freeinit=_check_int("freeinit iterations", freeinit, 0, 10),
+            window=window,
+            window_stride=stride,
+            prompt_schedule=schedule,
         )
 
     @torch.inference_mode()
@@ -266,12 +293,23 @@ class Pipeline:
         """Video i of the call uses seed + i, drawn on the CPU as diffusers draws it, then moved to the device.
 
         Also returns the first video's generator, which goes on to feed the per-step noise of stochastic samplers
-        (eta > 0, Euler ancestral), as diffusers' single generator does.
+        (eta > 0, Euler ancestral), as diffusers' single generator does. A windowed (long) request draws its first
+        window's noise only and reschedules it over the clip (:func:`cinematic.diffusion.windows.reschedule_noise`).
         """
+        from cinematic.diffusion.windows import reschedule_noise
+
         f = self.model.config.vae.downsample_factor
-        shape = (1, self.model.config.unet.in_channels, request.num_frames, request.height // f, request.width // f)
+        frames = request.window if request.windowed else request.num_frames
+        shape = (1, self.model.config.unet.in_channels, frames, request.height // f, request.width // f)
         generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.count)]
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators])  # [N,C,F,h,w]
+        if request.windowed:
+            noise = torch.cat(
+                [
+                    reschedule_noise(n[None], request.num_frames, request.window_stride, g)
+                    for n, g in zip(noise, generators)
+                ]
+            )
         return noise.to(self.device), generators[0]
 
     def __call__(
@@ -300,6 +338,9 @@ class Pipeline:
         freeu: bool = False,
         freeinit: int = 0,
         loras: Sequence[tuple[str | Path, float]] | None = None,
+        prompt_schedule: str | None = None,
+        window: int | None = None,
+        window_stride: int | None = None,
     ) -> Video | list[Video]:
         """Generate; see :meth:`validate` for the settings. ``low_memory`` runs the two guidance passes one after the
         other, frees the text encoder once the prompts are encoded (it is loaded again when next needed) and decodes
@@ -309,7 +350,12 @@ class Pipeline:
         ``init_video`` (a path or uint8 ``[F, H, W, 3]`` frames) is restyled with ``strength`` (ignored without it;
         the frame count defaults to the clip's); ``init_image`` (a path or uint8 ``[H, W, 3]``) is animated from the
         first frame; ``loop`` pins the last frame to the first (see :mod:`cinematic.conditioning`). ``freeu`` and
-        ``freeinit`` (iterations) are FreeU and FreeInit."""
+        ``freeinit`` (iterations) are FreeU and FreeInit.
+
+        Clips longer than ``window`` frames (default: the model's trained length; 0 runs the whole clip at once) are
+        denoised in overlapping windows every ``window_stride`` frames (default ``window // 2``), and
+        ``prompt_schedule`` (``"0: ... | 32: ..."``) changes the prompt over time, in place of ``prompt`` (see
+        :mod:`cinematic.diffusion.windows`)."""
         from cinematic.conditioning import load_pictures
 
         pictures = load_pictures(init_video, init_image)
@@ -318,7 +364,7 @@ class Pipeline:
         request = self.validate(
             prompt, negative_prompt, num_frames, height, width, steps, guidance_scale, seed, sampler, eta, num_videos,
             cache_interval, cache_depth, guidance_stop, strength if init_video is not None else 1.0, loop, freeu,
-            freeinit,
+            freeinit, prompt_schedule, window, window_stride,
         )  # fmt: skip
         from cinematic.lora import loras_applied
 
@@ -348,12 +394,12 @@ class Pipeline:
         from cinematic.models.freeu import FREEU_VIDEO, freeu
         from cinematic.progress import Progress
 
-        prompts = [p for p in request.prompts for _ in range(request.num_videos)]
-        cond = self.encode_prompts(prompts)
+        starts = self.window_starts(request)
+        conds = self.window_conditions(request, starts)  # one [N, L, D] per window
         uncond = None
         if request.guidance_scale != 1.0:
             # The original encodes "" for the unconditional branch (not a zero tensor), as diffusers does.
-            uncond = self.encode_prompts([request.negative_prompt or ""] * len(prompts))
+            uncond = self.encode_prompts([request.negative_prompt or ""] * request.count)
         if low_memory:
             self.release_text_encoder()
         start = starting_point(self, request, pictures)
@@ -369,8 +415,13 @@ class Pipeline:
                 callback(i, total)
 
         def run(noise: torch.Tensor) -> torch.Tensor:
-            # Guidance is built per run: the fast modes count steps, and FreeInit samples more than once.
-            guided = self.guided_eps(request, cond, uncond, batched=not low_memory, steps=request.steps - start.start)
+            # Guidance is built per run and per window: the fast modes count steps, and FreeInit samples more than
+            # once.
+            from cinematic.diffusion.windows import WindowedEps
+
+            steps = request.steps - start.start
+            models = [self.guided_eps(request, c, uncond, batched=not low_memory, steps=steps) for c in conds]
+            guided = models[0] if len(models) == 1 else WindowedEps(models, starts, request.window)
             pin = start.pin(noise)
             latents = sample(
                 request.sampler,
@@ -384,6 +435,7 @@ class Pipeline:
                 init=start.init,
                 start=start.start,
                 wrap=None if pin is None else pin.wrap,
+                prediction=self.model.config.schedule.prediction_type,
             )
             return latents if pin is None else pin.finish(latents)
 
@@ -393,6 +445,29 @@ class Pipeline:
         finally:
             if bar is not None:
                 bar.close()
+
+    def window_starts(self, request: Request) -> list[int]:
+        """First frames of the UNet windows of ``request`` (``[0]`` when it runs in one piece)."""
+        from cinematic.diffusion.windows import window_starts
+
+        if not request.windowed:
+            return [0]
+        return window_starts(request.num_frames, request.window, request.window_stride)
+
+    def window_conditions(self, request: Request, starts: Sequence[int]) -> list[torch.Tensor]:
+        """Text features ``[N, L, D]`` for each window: the request's prompts, or, with a prompt schedule, the mean
+        of the window's frames' prompt features (one window: the whole clip's mean)."""
+        from cinematic.diffusion.windows import frame_prompts, window_features
+
+        if request.prompt_schedule is None:
+            cond = self.encode_prompts([p for p in request.prompts for _ in range(request.num_videos)])
+            return [cond] * len(starts)
+        per_frame = frame_prompts(request.prompt_schedule, request.num_frames)
+        distinct = list(dict.fromkeys(per_frame))
+        features = self.encode_prompts(distinct)  # [P, L, D]
+        index = [distinct.index(p) for p in per_frame]
+        window = request.window if request.windowed else request.num_frames
+        return [w.expand(request.count, *w.shape) for w in window_features(features, index, starts, window)]
 
     def guided_eps(
         self,
@@ -469,6 +544,9 @@ class Pipeline:
             **({"loop": True} if request.loop else {}),
             **({"freeu": True} if request.freeu else {}),
             **({"freeinit": request.freeinit} if request.freeinit else {}),
+            **({"window": request.window, "window_stride": request.window_stride} if request.windowed else {}),
+            **({"prompt_schedule": " | ".join(f"{k}: {p}" for k, p in request.prompt_schedule)}
+               if request.prompt_schedule else {}),
         }  # fmt: skip
 
 

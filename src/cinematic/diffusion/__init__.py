@@ -1,14 +1,15 @@
-"""Diffusion: noise schedules, denoiser adapters around the eps-prediction network, and samplers."""
+"""Diffusion: noise schedules, denoiser adapters around the ε- or v-prediction network, and samplers."""
 
 from cinematic.diffusion.denoisers import (
     ClassifierFreeGuidance,
     Denoiser,
-    DiscreteEpsDenoiser,
+    DiscreteDenoiser,
     EpsModel,
     GuidedEps,
     TruncatedGuidance,
     classifier_free_guidance,
     guided_steps,
+    prediction_target,
 )
 from cinematic.diffusion.samplers import (
     SAMPLERS,
@@ -26,7 +27,7 @@ __all__ = [
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "Denoiser",
-    "DiscreteEpsDenoiser",
+    "DiscreteDenoiser",
     "EpsModel",
     "GuidedEps",
     "SamplerSpec",
@@ -35,6 +36,7 @@ __all__ = [
     "classifier_free_guidance",
     "get_sampler",
     "guided_steps",
+    "prediction_target",
     "sample",
     "sample_ddim",
     "sample_dpmpp_2m",

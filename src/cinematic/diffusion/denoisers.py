@@ -7,7 +7,10 @@ Three interfaces, innermost first:
 - ``GuidedEps``: the network with its conditioning bound, ``guided(x, t) -> eps``. :func:`classifier_free_guidance`
   builds one; so does ``functools.partial(eps_model, cond=...)``.
 - ``Denoiser``: what every sampler calls, ``denoiser(x, sigma) -> x0`` on the VE latent ``x = x0 + sigma * eps``
-  with ``sigma`` a 0-d float64 tensor shared by the whole batch. :class:`DiscreteEpsDenoiser` builds one.
+  with ``sigma`` a 0-d float64 tensor shared by the whole batch. :class:`DiscreteDenoiser` builds one.
+
+The network predicts ε or, for a ``"v_prediction"`` model, ``v``; guidance combines either linearly, so everything
+above the denoiser is the same for both (the names say ``eps`` for the common case).
 
 Nothing here folds frames into the batch: all maps are elementwise over (B, C, F, H, W).
 """
@@ -105,20 +108,31 @@ class TruncatedGuidance:
         return self.guided.eps_model(x, t, self.guided.cond)
 
 
+def prediction_target(prediction: str, x0: Tensor, eps: Tensor, signal: Tensor, noise: Tensor) -> Tensor:
+    """What the network learns to output for ``x_t = signal * x0 + noise * eps`` (``signal = sqrt(alpha_bar_t)``,
+    ``noise = sqrt(1 - alpha_bar_t)``, broadcastable): ``eps``, or ``v = signal * eps - noise * x0``.
+    :class:`DiscreteDenoiser` inverts it."""
+    if prediction == "v_prediction":
+        return signal * eps - noise * x0
+    return eps
+
+
 @dataclass(frozen=True)
-class DiscreteEpsDenoiser:
-    """``denoiser(x, sigma) -> x0`` around an eps-prediction network trained on discrete timesteps.
+class DiscreteDenoiser:
+    """``denoiser(x, sigma) -> x0`` around a network trained on discrete timesteps.
 
     The VE latent enters the network in VP form, ``x_VP = x / sqrt(1 + sigma**2)``, at the timestep of ``sigma``
-    (:func:`~cinematic.diffusion.schedule.sigma_to_t` with this adapter's ``interpolation`` and ``quantize``), and
-    ``x0 = x - sigma * eps``. Coefficients are computed in float64 and applied as Python floats, so ``x`` keeps its
-    dtype and device; ``t`` reaches the network as float32 [B] on ``x``'s device.
+    (:func:`~cinematic.diffusion.schedule.sigma_to_t` with this adapter's ``interpolation`` and ``quantize``). For
+    ε-prediction ``x0 = x - sigma * eps``; for v-prediction, with ``c = 1 / sqrt(1 + sigma**2)`` (``sqrt(alpha_bar)``),
+    ``x0 = c x_VP - sigma c v = c**2 x - sigma c v``. Coefficients are computed in float64 and applied as Python
+    floats, so ``x`` keeps its dtype and device; ``t`` reaches the network as float32 [B] on ``x``'s device.
     """
 
     model: GuidedEps
     alpha_bar: Tensor
     interpolation: str = "log"
     quantize: bool = True
+    prediction: str = "epsilon"
 
     def timestep(self, sigma: Tensor) -> float:
         return sigma_to_t(sigma, self.alpha_bar, interpolation=self.interpolation, quantize=self.quantize).item()
@@ -126,5 +140,8 @@ class DiscreteEpsDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         s = float(sigma)
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)
-        eps = self.model(x * (1.0 + s * s) ** -0.5, t)
-        return x - s * eps
+        c = (1.0 + s * s) ** -0.5
+        out = self.model(x * c, t)
+        if self.prediction == "v_prediction":
+            return x * (c * c) - out * (s * c)
+        return x - s * out

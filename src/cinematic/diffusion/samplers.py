@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cinematic.diffusion import schedule
-from cinematic.diffusion.denoisers import DiscreteEpsDenoiser, GuidedEps
+from cinematic.diffusion.denoisers import DiscreteDenoiser, GuidedEps
 from cinematic.errors import CinematicError
 
 StepCallback = Callable[[int, int], None]
@@ -170,7 +170,7 @@ class SamplerSpec:
 
     ``noise_is_vp``: True when the initial noise is the VP latent itself (diffusers' ``init_noise_sigma = 1``, DDIM
     and DPM-Solver), False when it is scaled by ``sigmas[0]`` into the VE latent (Euler's ``init_noise_sigma =
-    sigma_max``). ``interpolation``/``quantize`` configure :class:`DiscreteEpsDenoiser`'s timestep map.
+    sigma_max``). ``interpolation``/``quantize`` configure :class:`DiscreteDenoiser`'s timestep map.
     """
 
     fn: Sampler
@@ -213,6 +213,7 @@ def sample(
     init: Tensor | None = None,
     start: int = 0,
     wrap: Callable[[Callable[[Tensor, Tensor], Tensor]], Callable[[Tensor, Tensor], Tensor]] | None = None,
+    prediction: str = "epsilon",
 ) -> Tensor:
     """Denoise ``noise`` with the named sampler in ``steps`` network evaluations; return the VP latent to decode.
 
@@ -225,14 +226,15 @@ def sample(
 
     ``init`` (video-to-video, see :mod:`cinematic.conditioning`): a clean latent; sampling then skips the grid's
     first ``start`` steps and begins from ``init + sigma * noise``, diffusers' ``add_noise`` in VE form. ``wrap``
-    wraps the denoiser (pinned frames).
+    wraps the denoiser (pinned frames). ``prediction`` is the model's ``prediction_type``: ``eps_model`` returns ε
+    (``"epsilon"``) or v (``"v_prediction"``).
     """
     spec = get_sampler(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= schedule.NUM_TRAIN_TIMESTEPS:
         raise CinematicError(f"steps must be an integer from 1 to {schedule.NUM_TRAIN_TIMESTEPS}, not {steps!r}")
     alpha_bar = schedule.alpha_bar_scaled_linear() if alpha_bar is None else alpha_bar.to("cpu", torch.float64)
     sigmas = spec.sigmas(alpha_bar, steps)[start:]
-    denoiser = DiscreteEpsDenoiser(eps_model, alpha_bar, spec.interpolation, spec.quantize)
+    denoiser = DiscreteDenoiser(eps_model, alpha_bar, spec.interpolation, spec.quantize, prediction)
     denoiser = denoiser if wrap is None else wrap(denoiser)
     sigma_max, sigma_min = sigmas[0].item(), sigmas[-1].item()
     if init is not None:

@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from cinematic.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The training noise schedule: ε-prediction over 1000 discrete steps with scaled-linear betas."""
+    """The training noise schedule: 1000 discrete steps with scaled-linear betas, and what the UNet predicts: the
+    noise (``"epsilon"``, every published checkpoint) or ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``
+    (``"v_prediction"``, Salimans & Ho 2022; the bundled shapes model)."""
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -32,8 +35,9 @@ class ScheduleConfig:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        if self.prediction_type != "epsilon":
-            raise CinematicError(f"prediction type {self.prediction_type!r} is not supported; allowed: 'epsilon'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            allowed = ", ".join(repr(p) for p in PREDICTION_TYPES)
+            raise CinematicError(f"prediction type {self.prediction_type!r} is not supported; allowed: {allowed}")
 
 
 @dataclass(frozen=True)

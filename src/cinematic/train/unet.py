@@ -1,7 +1,10 @@
-"""The UNet stage: ε-prediction on frozen VAE latents (DDPM, Ho et al. 2020, eq. 14), and sample videos.
+"""The UNet stage: ε- or v-prediction on frozen VAE latents (DDPM, Ho et al. 2020, eq. 14), and sample videos.
 
 ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` at ``t`` uniform over the training schedule, and the
-loss is ``mean (eps_theta(x_t, t, text) - eps)^2``. Captions are dropped to "" at random so the same network also
+loss is ``mean (eps_theta(x_t, t, text) - eps)^2``, or, for a model whose schedule says ``"v_prediction"``, the same
+against ``v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0`` (Salimans & Ho 2022). Per step that is the ε loss
+weighted by ``1 / alpha_bar_t``: the noisiest steps, where only the caption tells what the clip holds, weigh most.
+Captions are dropped to "" at random so the same network also
 learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022).
 """
 
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cinematic.diffusion.denoisers import prediction_target
 from cinematic.models.components import Model
 
 SampleFn = Callable[[Model, int], None]
@@ -29,8 +33,8 @@ def unet_loss(
     caption_dropout: float,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The ε-prediction loss of one batch. Every draw (dropped captions, posterior sample, ``t``, ``eps``) comes
-    from ``rng``, on the CPU, in that order. The frozen VAE encodes in float32; text encoder and UNet run under
+    """The ε- (or v-) prediction loss of one batch. Every draw (dropped captions, posterior sample, ``t``, ``eps``)
+    comes from ``rng``, on the CPU, in that order. The frozen VAE encodes in float32; text encoder and UNet run under
     ``autocast``."""
     device = model.unet.conv_in.weight.device
     video = batch["video"].to(device)
@@ -51,7 +55,8 @@ def unet_loss(
         with torch.set_grad_enabled(text_trains):
             context = model.text_encoder(tokens)
         pred = model.unet(x_t, t.to(device, torch.float32), context)
-    return F.mse_loss(pred.float(), eps), {}
+    target = prediction_target(model.config.schedule.prediction_type, x0, eps, signal.to(device), noise.to(device))
+    return F.mse_loss(pred.float(), target), {}
 
 
 def prompt_sampler(

@@ -1,0 +1,143 @@
+"""Long videos: the UNet runs on overlapping windows of the trained length, and prompts may change over time.
+
+A clip longer than the model's window (16 frames for text-to-video-ms-1.7b) is denoised window by window at every
+step, in the manner of FreeNoise (Qiu et al. 2023), with two choices of our own:
+
+- **Windows of the whole UNet**, not only of its temporal attention. Every layer but temporal attention and the
+  3-tap temporal convolutions is per frame, so the two agree inside a window; running the whole network per window
+  keeps activation memory at one window's, whatever the length, and works unchanged with any checkpoint, the fast
+  modes and the conditioning of :mod:`cinematic.conditioning`. The cost is the overlap: windows of ``W`` frames every
+  ``S`` frames evaluate about ``W / S`` times the frames (2x at the default ``S = W / 2``).
+- **Fusion by a tent weight**: frame ``i`` of a window counts ``min(i + 1, W - i)``, so a frame's prediction comes
+  mostly from the windows it sits in the middle of, and window edges (where the temporal convolutions see zero
+  padding) count least. Each frame's prediction is the weighted mean over the windows holding it.
+
+**Noise rescheduling** (FreeNoise): only the first window's noise is drawn (so its frames start exactly where a
+``W``-frame video of the same seed starts); each later block of ``S`` frames reuses the noise of the block ``W``
+frames earlier, its frames shuffled. Windows then share long-range structure instead of each drawing an unrelated
+clip.
+
+**Prompt schedules**: ``"0: a red circle moving right | 32: a red circle moving left"`` gives every frame a prompt
+(the last key at or before it). A window is conditioned on the mean of its frames' text features, so windows across
+a switch blend the two prompts in proportion to their frames.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cinematic.errors import CinematicError
+
+GuidedFn = Callable[[Tensor, Tensor], Tensor]
+
+_ENTRY = re.compile(r"\s*(\d+)\s*:\s*(.*?)\s*$", re.DOTALL)
+
+
+def parse_prompt_schedule(text: str, frames: int | None = None) -> tuple[tuple[int, str], ...]:
+    """``"0: prompt a | 32: prompt b"`` -> ``((0, "prompt a"), (32, "prompt b"))``. Keys are start frames, strictly
+    increasing, the first 0; with ``frames``, every key must be a frame of the clip."""
+    if not isinstance(text, str) or not text.strip():
+        raise CinematicError('prompt schedule must be text like "0: a red circle | 32: a blue circle"')
+    entries = []
+    for part in text.split("|"):
+        match = _ENTRY.fullmatch(part)
+        if match is None or not match.group(2):
+            raise CinematicError(
+                f'prompt schedule entry {part.strip()!r} is not "FRAME: prompt" (entries are separated by "|")'
+            )
+        entries.append((int(match.group(1)), match.group(2)))
+    keys = [k for k, _ in entries]
+    if keys[0] != 0:
+        raise CinematicError(f"prompt schedule must start at frame 0, not {keys[0]}")
+    if any(b <= a for a, b in zip(keys, keys[1:])):
+        raise CinematicError(f"prompt schedule frames must increase, got {keys}")
+    if frames is not None and keys[-1] >= frames:
+        raise CinematicError(f"prompt schedule frame {keys[-1]} is past the clip's last frame, {frames - 1}")
+    return tuple(entries)
+
+
+def frame_prompts(schedule: Sequence[tuple[int, str]], frames: int) -> list[str]:
+    """The prompt of each frame: that of the last key at or before it."""
+    out, current = [], 0
+    for f in range(frames):
+        while current + 1 < len(schedule) and schedule[current + 1][0] <= f:
+            current += 1
+        out.append(schedule[current][1])
+    return out
+
+
+def window_starts(frames: int, window: int, stride: int) -> list[int]:
+    """First frames of the windows covering ``frames``: every ``stride`` frames, and a last one ending on the clip's
+    end. One window (at 0) when the clip fits."""
+    if frames <= window:
+        return [0]
+    starts = list(range(0, frames - window + 1, stride))
+    if starts[-1] != frames - window:
+        starts.append(frames - window)
+    return starts
+
+
+def tent(window: int) -> Tensor:
+    """Fusion weight of each frame of a window: ``min(i + 1, window - i)``, float64."""
+    i = torch.arange(window, dtype=torch.float64)
+    return torch.minimum(i + 1, window - i)
+
+
+def reschedule_noise(first: Tensor, frames: int, stride: int, generator: torch.Generator) -> Tensor:
+    """FreeNoise's noise for ``frames`` frames from the first window's ``first`` [B, C, W, h, w]: block ``[i, i +
+    stride)`` (``i >= W``) is block ``[i - W, i - W + stride)`` with its frames in an order drawn from ``generator``."""
+    window = first.shape[2]
+    if frames <= window:
+        return first[:, :, :frames]
+    parts, total = [first], window
+    while total < frames:
+        n = min(stride, frames - total)
+        source = torch.arange(total - window, total - window + n)
+        order = source[torch.randperm(n, generator=generator)]
+        whole = torch.cat(parts, dim=2)
+        parts.append(whole[:, :, order])
+        total += n
+    return torch.cat(parts, dim=2)
+
+
+@dataclass
+class WindowedEps:
+    """A guided network over a long clip: ``models[k]`` (each ``(x, t) -> eps`` for one window, with its own
+    conditioning and fast-mode state) runs on frames ``[starts[k], starts[k] + window)``; outputs are fused with
+    :func:`tent` weights. Frames are axis 2 of ``x`` [B, C, F, h, w]."""
+
+    models: Sequence[GuidedFn]
+    starts: Sequence[int]
+    window: int
+
+    def __post_init__(self) -> None:
+        if len(self.models) != len(self.starts):
+            raise ValueError(f"{len(self.models)} window models for {len(self.starts)} windows")
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if len(self.starts) == 1 and x.shape[2] <= self.window:
+            return self.models[0](x, t)
+        weight = tent(self.window).to(x.device, x.dtype).view(1, 1, -1, 1, 1)
+        total = torch.zeros_like(x)
+        norm = torch.zeros((1, 1, x.shape[2], 1, 1), dtype=x.dtype, device=x.device)
+        for model, s in zip(self.models, self.starts):
+            out = model(x[:, :, s : s + self.window], t)
+            total[:, :, s : s + self.window] += weight * out
+            norm[:, :, s : s + self.window] += weight
+        return total / norm
+
+
+def window_features(features: Tensor, frame_prompt: Sequence[int], starts: Sequence[int], window: int) -> list[Tensor]:
+    """Text features ``[L, D]`` of each window: the mean of its frames' features, where frame ``f`` has
+    ``features[frame_prompt[f]]`` (``features`` [P, L, D], one row per distinct prompt)."""
+    index = torch.as_tensor(frame_prompt)
+    out = []
+    for s in starts:
+        share = torch.bincount(index[s : s + window], minlength=features.shape[0]).to(features.dtype)
+        out.append(torch.einsum("p,pld->ld", share / share.sum(), features))
+    return out
