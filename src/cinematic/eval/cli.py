@@ -40,6 +40,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
     parser.add_argument("--freeu", action="store_true", help="sample with FreeU (see cinematic generate --freeu)")
     parser.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit iterations (default 0: off)")
+    parser.add_argument("--cache-interval", type=int, default=1, metavar="N", help="feature caching (default 1: off)")
+    parser.add_argument("--cache-depth", type=int, default=1, metavar="D", help="levels recomputed when caching")
+    parser.add_argument("--guidance-stop", type=float, default=1.0, metavar="F", help="guidance truncation (1: off)")
     parser.set_defaults(run=cmd_eval)
     return parser
 
@@ -74,7 +77,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for seed in range(args.seeds):
         for first in range(0, len(captions), args.batch):
             chunk = captions[first : first + args.batch]
-            made = generate(pipe, chunk, seed, args.steps, args.guidance, args.sampler, args.freeu, args.freeinit)
+            made = generate(
+                pipe, chunk, seed, args.steps, args.guidance, args.sampler, args.freeu, args.freeinit,
+                cache_interval=args.cache_interval, cache_depth=args.cache_depth, guidance_stop=args.guidance_stop,
+            )  # fmt: skip
             for caption, frames in zip(chunk, made):
                 videos[caption].append(frames)
         print(f"seed {seed}: {len(captions)} videos, {time.perf_counter() - began:.0f} s so far", file=sys.stderr)
@@ -94,6 +100,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "sampler": args.sampler,
             **({"freeu": True} if args.freeu else {}),
             **({"freeinit": args.freeinit} if args.freeinit else {}),
+            **(
+                {"cache_interval": args.cache_interval, "cache_depth": args.cache_depth}
+                if args.cache_interval > 1
+                else {}
+            ),
+            **({"guidance_stop": args.guidance_stop} if args.guidance_stop < 1 else {}),
             "device": device,
             "seconds": round(seconds, 1),
         }
@@ -111,13 +123,14 @@ def generate(
     sampler: str,
     freeu: bool = False,
     freeinit: int = 0,
+    **fast: Any,
 ) -> list:
     """One video per caption, each from the noise of ``seed``, at the model's trained clip size: uint8 numpy
-    ``[F, H, W, 3]`` each."""
+    ``[F, H, W, 3]`` each. ``fast``: the fast modes of ``Pipeline.validate`` (cache_interval, guidance_stop...)."""
     d = pipe.model.config.defaults
     request = pipe.validate(
         list(captions), num_frames=d.frames, height=d.height, width=d.width, steps=steps, guidance_scale=guidance,
-        seed=seed, sampler=sampler, freeu=freeu, freeinit=freeinit,
+        seed=seed, sampler=sampler, freeu=freeu, freeinit=freeinit, **fast,
     )  # fmt: skip
     frames = pipe.decode(pipe.sample(request, progress=False))
     return [f.cpu().numpy() for f in frames]

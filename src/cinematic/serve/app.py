@@ -45,6 +45,7 @@ from cinematic.serve.settings import Limits, Settings
 from cinematic.serve.store import ID_PATTERN, Job, Params, QueueFull
 
 STATIC = Path(__file__).parent / "static"
+DEFAULT_STRENGTH = 0.6  # Pipeline.__call__'s
 DESCRIPTION = """Text to video as a job queue. `POST /v1/videos` queues a job and returns it at once; poll
 `GET /v1/videos/{id}` until `status` is `completed`, then download `GET /v1/videos/{id}/content`
 (mp4, or `?variant=webm|gif`). Jobs survive restarts: one that was running starts again with the same seed."""
@@ -125,11 +126,12 @@ def _api(settings: Settings, service: Service) -> APIRouter:
 
     @router.post("/videos", response_model=VideoJob, responses=_errors(401, 422, 429), summary="Queue a video")
     def create_video(body: VideoCreate) -> dict[str, Any]:  # type: ignore[valid-type]
-        params = _params(body, model)
-        _check_with_pipeline(service, params)
+        params = _params(body, model, service, settings.limits)
         try:
+            _check_with_pipeline(service, params)
             job = service.submit(params)
         except QueueFull:
+            service.inputs.remove(params.init_video, params.init_image)
             wait = max(1, math.ceil(service.generation.mean() or 10))
             raise ApiError(
                 429,
@@ -137,6 +139,9 @@ def _api(settings: Settings, service: Service) -> APIRouter:
                 "queue_full",
                 headers={"Retry-After": str(wait)},
             ) from None
+        except BaseException:
+            service.inputs.remove(params.init_video, params.init_image)  # nothing was queued: keep no upload
+            raise
         return _view(service, job)
 
     @router.get("/videos", response_model=VideoList, responses=_errors(401, 422), summary="List videos, newest first")
@@ -229,6 +234,15 @@ def _view(service: Service, job: Job) -> dict[str, Any]:
         "guidance": p.guidance,
         "seed": p.seed,
         "sampler": p.sampler,
+        "prompt_schedule": p.prompt_schedule,
+        "window": p.window,
+        "init_video": p.init_video is not None,
+        "init_image": p.init_image is not None,
+        "strength": p.strength,
+        "loop": p.loop,
+        "freeu": p.freeu,
+        "freeinit": p.freeinit,
+        "loras": [{"name": name, "scale": scale} for name, scale in p.loras],
     }
 
 
@@ -236,24 +250,95 @@ def _size(model: ModelInfo) -> str:
     return f"{model.width}x{model.height}"
 
 
-def _params(body: Any, model: ModelInfo) -> Params:
-    """A validated request with every default filled in; the seed is drawn here, once, and stored with the job."""
+def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Params:
+    """A validated request with every default filled in; the seed is drawn here, once, and stored with the job.
+    Uploads are checked (they must decode) and saved; the caller removes them if the job is not queued."""
     from cinematic.pipeline import random_seed
 
+    if (body.prompt is None) == (body.prompt_schedule is None):
+        which = "is required" if body.prompt is None else "and prompt_schedule exclude each other"
+        raise ApiError(422, f"prompt: {which} (give a prompt or a prompt_schedule)", "invalid_value", param="prompt")
+    if body.strength is not None and body.init_video is None:
+        raise ApiError(422, "strength: applies to init_video only; send one", "invalid_value", param="strength")
+    for name in (lora.name for lora in body.loras or ()):
+        if service.inputs.lora(name) is None:
+            offered = ", ".join(service.inputs.loras()) or "none (start the server with --lora-dir)"
+            raise ApiError(
+                422, f"loras: no adapter {name!r} on this server; offered: {offered}", "invalid_value", param="loras"
+            )
     width, height = parse_size(body.size or _size(model))
-    return Params(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        model=model.name,
-        frames=body.frames or model.frames,
-        width=width,
-        height=height,
-        steps=body.steps or DEFAULT_STEPS,
-        guidance=DEFAULT_GUIDANCE if body.guidance is None else float(body.guidance),
-        seed=random_seed() if body.seed is None else body.seed,
-        sampler=body.sampler or DEFAULT_SAMPLER,
-        fps=model.fps,
-    )
+    frames = body.frames
+    uploads: dict[str, str] = {}
+    try:
+        for field in ("init_video", "init_image"):
+            if getattr(body, field) is not None:
+                uploads[field] = service.inputs.save(_decode_upload(field, getattr(body, field), limits.max_upload))
+        if "init_video" in uploads and frames is None:
+            frames = min(_clip_frames(service.inputs.path(uploads["init_video"])), limits.max_frames)
+        return Params(
+            prompt=body.prompt or "",
+            negative_prompt=body.negative_prompt,
+            model=model.name,
+            frames=frames or model.frames,
+            width=width,
+            height=height,
+            steps=body.steps or DEFAULT_STEPS,
+            guidance=DEFAULT_GUIDANCE if body.guidance is None else float(body.guidance),
+            seed=random_seed() if body.seed is None else body.seed,
+            sampler=body.sampler or DEFAULT_SAMPLER,
+            fps=model.fps,
+            prompt_schedule=body.prompt_schedule,
+            window=body.window,
+            window_stride=body.window_stride,
+            init_video=uploads.get("init_video"),
+            init_image=uploads.get("init_image"),
+            strength=_strength(body.strength, "init_video" in uploads),
+            loop=bool(body.loop),
+            freeu=bool(body.freeu),
+            freeinit=body.freeinit or 0,
+            loras=tuple((lora.name, float(lora.scale)) for lora in body.loras or ()),
+        )
+    except BaseException:
+        service.inputs.remove(*uploads.values())
+        raise
+
+
+def _strength(given: float | None, restyling: bool) -> float | None:
+    """Video-to-video's strength as the job runs it: the pipeline's default (0.6) when not given, None without a
+    clip (where it means nothing)."""
+    if not restyling:
+        return None
+    return DEFAULT_STRENGTH if given is None else float(given)
+
+
+def _decode_upload(field: str, text: str, limit: int) -> bytes:
+    """The bytes of a base64 upload (optionally a ``data:<type>;base64,`` URL), at most ``limit`` of them."""
+    import base64
+    import binascii
+
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if not head.endswith(";base64"):
+            raise ApiError(422, f"{field}: a data: URL must be base64 (data:<type>;base64,...)", "invalid_value", field)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{field}: is not valid base64", "invalid_value", param=field) from None
+    if not data:
+        raise ApiError(422, f"{field}: is empty", "invalid_value", param=field)
+    if len(data) > limit:
+        raise ApiError(422, f"{field}: {len(data)} bytes is over this server's {limit}", "invalid_value", field)
+    return data
+
+
+def _clip_frames(path: Path) -> int:
+    from cinematic.conditioning import load_video
+
+    try:
+        return len(load_video(path))
+    except CinematicError as error:
+        message = str(error).replace(str(path), "the upload")
+        raise ApiError(422, f"init_video: {message}", "invalid_value", param="init_video") from None
 
 
 def _limits(settings: Settings, service: Service) -> Limits:
@@ -262,16 +347,30 @@ def _limits(settings: Settings, service: Service) -> Limits:
 
 
 def _check_with_pipeline(service: Service, p: Params) -> None:
-    """The pipeline's own checks, so that nothing a worker would reject is ever queued."""
+    """The pipeline's own checks, so that nothing a worker would reject is ever queued: the settings, and the
+    uploads as pictures (an image that does not decode, an init video with an init image)."""
+    from cinematic.conditioning import load_pictures
+
     try:
         service.workers[0].pipeline.validate(
             p.prompt,
-            **p.pipeline_kwargs(),
+            **{**p.pipeline_kwargs(), "strength": 1.0 if p.strength is None else p.strength},
         )
     except CinematicError as error:
         field = str(error).split(" ", 1)[0]
-        param = "size" if field in ("height", "width") else field
+        param = {"height": "size", "width": "size", "prompt": "prompt_schedule", "window": "window"}.get(field, field)
         raise ApiError(422, str(error), "invalid_value", param=param) from error
+    if p.init_image is not None or p.init_video is not None:
+        files = service.inputs.call_kwargs(p)
+        try:
+            load_pictures(files.get("init_video"), files.get("init_image"))
+        except CinematicError as error:
+            message = str(error)
+            for name in ("init_video", "init_image"):
+                if name in files:
+                    message = message.replace(str(files[name]), "the upload")
+            param = "init_image" if "image" in message and p.init_video is None else "init_video"
+            raise ApiError(422, message, "invalid_value", param=param) from error
 
 
 def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> None:
@@ -299,6 +398,7 @@ def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> No
             },
             "limits": {**vars(_limits(settings, service)), "min_size": m.min_size, "max_queue": settings.max_queue},
             "samplers": _samplers(),
+            "loras": service.inputs.loras(),
         }
 
     @app.get(

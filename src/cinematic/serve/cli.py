@@ -58,11 +58,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     _flag(parser, "--dtype", "dtype", "weights precision", "fp16 on CUDA, fp32 on CPU", choices=DTYPES)
     _flag(parser, "--threads", "threads", "torch CPU threads per worker", "torch's", type=int)
     _flag(parser, "--log-level", "log_level", "log level; info logs every request", choices=LOG_LEVELS)
+    _flag(
+        parser, "--lora-dir", "lora_dir", "folder of LoRA adapters that requests may name (NAME.safetensors or NAME/)"
+    )
     limits = parser.add_argument_group("limits per request (a breach is a 422 naming the field)")
     _flag(limits, "--max-frames", "max_frames", "frames", type=int)
     _flag(limits, "--max-size", "max_size", "pixels per side", type=int)
     _flag(limits, "--max-steps", "max_steps", "denoising steps", type=int)
     _flag(limits, "--max-prompt", "max_prompt", "characters of the prompt and of the negative prompt", type=int)
+    _flag(limits, "--max-upload", "max_upload", "bytes of an init video or image", type=int)
     parser.set_defaults(run=cmd_serve)
     return parser
 

@@ -1,17 +1,25 @@
-"""Where the videos live: ``<data>/videos/<job id>.<format>``, named only from job ids that the store made.
+"""Where the videos live: ``<data>/videos/<job id>.<format>``, named only from job ids that the store made; and
+what requests bring: uploaded init videos and images in ``<data>/uploads/``, and the LoRA adapters of ``--lora-dir``.
 
 No part of a request becomes a path: a request's id is looked up in the store first, and the name is built from
-the stored id, which :data:`ID_PATTERN` checks again here. Every file is written beside its target and renamed
-(``cinematic.video.write``), so a reader never sees half a video.
+the stored id, which :data:`ID_PATTERN` checks again here. Uploads are named by the server (:data:`UPLOAD_PATTERN`),
+and a LoRA name must match :data:`LORA_PATTERN` (no separators, no leading dot) and be a file or folder directly in
+the adapter folder. Every file is written beside its target and renamed (``cinematic.video.write``), so a reader
+never sees half a video.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import tempfile
 import threading
 from pathlib import Path
 
 from cinematic import video
-from cinematic.serve.store import ID_PATTERN
+from cinematic.errors import CinematicError
+from cinematic.serve.store import ID_PATTERN, Params
 
 MEDIA_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}
 VARIANTS = tuple(MEDIA_TYPES)
@@ -70,3 +78,71 @@ class Files:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+UPLOAD_PATTERN = re.compile(r"^upload_[0-9a-f]{32}\.(?:bin|webp)$")
+LORA_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Inputs:
+    """Uploaded pictures (``<data>/uploads``) and the adapters of ``lora_dir`` (None: requests may name none)."""
+
+    def __init__(self, folder: Path, lora_dir: Path | None = None):
+        self.folder, self.lora_dir = folder, lora_dir
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, data: bytes) -> str:
+        """Store an upload (written to a temporary file, then renamed) and return its name."""
+        suffix = "webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "bin"  # FFmpeg sniffs the rest
+        name = f"upload_{secrets.token_hex(16)}.{suffix}"
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return name
+
+    def path(self, name: str) -> Path:
+        if not UPLOAD_PATTERN.fullmatch(name):
+            raise ValueError(f"not an upload: {name!r}")
+        return self.folder / name
+
+    def remove(self, *names: str | None) -> None:
+        for name in names:
+            if name is not None:
+                self.path(name).unlink(missing_ok=True)
+
+    def loras(self) -> list[str]:
+        """The adapter names on offer."""
+        if self.lora_dir is None or not self.lora_dir.is_dir():
+            return []
+        names = (p.stem if p.suffix == ".safetensors" else p.name for p in self.lora_dir.iterdir())
+        return sorted(n for n in names if LORA_PATTERN.fullmatch(n))
+
+    def lora(self, name: str) -> Path | None:
+        """The adapter ``name`` (a ``.safetensors`` file or a folder), or None if there is no such adapter."""
+        if self.lora_dir is None or not LORA_PATTERN.fullmatch(name):
+            return None
+        for path in (self.lora_dir / f"{name}.safetensors", self.lora_dir / name):
+            if path.exists() and path.parent == self.lora_dir:
+                return path
+        return None
+
+    def call_kwargs(self, params: Params) -> dict:
+        """The file arguments of ``Pipeline.__call__`` for ``params``: pictures, strength and adapters."""
+        kwargs: dict = {}
+        if params.init_video is not None:
+            kwargs["init_video"] = self.path(params.init_video)
+        if params.init_image is not None:
+            kwargs["init_image"] = self.path(params.init_image)
+        if params.strength is not None:
+            kwargs["strength"] = params.strength
+        if params.loras:
+            missing = [name for name, _ in params.loras if self.lora(name) is None]
+            if missing:
+                raise CinematicError(f"LoRA adapter {missing[0]!r} is no longer in the server's adapter folder")
+            kwargs["loras"] = [(self.lora(name), scale) for name, scale in params.loras]
+        return kwargs

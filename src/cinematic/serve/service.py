@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cinematic.serve.files import Files
+from cinematic.errors import CinematicError
+from cinematic.serve.files import Files, Inputs
 from cinematic.serve.metrics import Histogram
 from cinematic.serve.settings import Settings
 from cinematic.serve.store import Job, Params, Store
@@ -50,10 +51,21 @@ class Service:
                 log.warning("failed %d job(s) that stopped the server %d times: %s", len(failed), MAX_ATTEMPTS, failed)
             self.files = Files(settings.data / "videos")
             self.files.sweep(self.store.completed_ids())
+            if settings.lora_dir is not None and not settings.lora_dir.is_dir():
+                raise CinematicError(f"the LoRA folder {settings.lora_dir} is not a folder")
+            self.inputs = Inputs(settings.data / "uploads", settings.lora_dir)
             self.generation = Histogram()
             devices = settings.devices or _default_devices()
             self.workers = [
-                Worker(device, _load(settings, device), self.store, self.files, self.generation, settings.threads)
+                Worker(
+                    device,
+                    _load(settings, device),
+                    self.store,
+                    self.files,
+                    self.generation,
+                    settings.threads,
+                    self.inputs,
+                )
                 for device in devices
             ]
         except BaseException:
@@ -99,9 +111,11 @@ class Service:
         return True
 
     def delete(self, job_id: str) -> bool:
-        if not self.store.delete(job_id):
+        job = self.store.get(job_id)
+        if job is None or not self.store.delete(job_id):
             return False
         self.files.remove(job_id)
+        self.inputs.remove(job.params.init_video, job.params.init_image)
         return True
 
     def content(self, job_id: str, variant: str) -> str | None:

@@ -25,6 +25,7 @@ class Limits:
     max_size: int = 1024  # pixels, each side
     max_steps: int = 200
     max_prompt: int = 1000  # characters, for the prompt and the negative prompt
+    max_upload: int = 32 * 2**20  # bytes of an init video or init image, before base64
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Settings:
     dtype: str | None = None  # fp32, fp16 or bf16; None: fp16 on CUDA, fp32 elsewhere
     threads: int | None = None  # torch CPU threads per worker; None leaves torch's default
     log_level: str = "info"
+    lora_dir: Path | None = None  # LoRA adapters requests may name: <lora_dir>/<name>.safetensors or <name>/
     limits: Limits = field(default_factory=Limits)
 
 
@@ -91,10 +93,12 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "dtype": ("CINEMATIC_DTYPE", _choice(*DTYPES)),
     "threads": ("CINEMATIC_THREADS", _positive),
     "log_level": ("CINEMATIC_LOG_LEVEL", _choice(*LOG_LEVELS)),
+    "lora_dir": ("CINEMATIC_LORA_DIR", Path),
     "max_frames": ("CINEMATIC_MAX_FRAMES", _positive),
     "max_size": ("CINEMATIC_MAX_SIZE", _positive),
     "max_steps": ("CINEMATIC_MAX_STEPS", _positive),
     "max_prompt": ("CINEMATIC_MAX_PROMPT", _positive),
+    "max_upload": ("CINEMATIC_MAX_UPLOAD", _positive),
 }
 
 
@@ -116,7 +120,8 @@ def resolve(given: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
     limit_names = {f.name for f in dataclasses.fields(Limits)}
     limits = Limits(**{k: v for k, v in values.items() if k in limit_names})
     settings = Settings(**{k: v for k, v in values.items() if k not in limit_names}, limits=limits)
-    return dataclasses.replace(settings, data=Path(settings.data).expanduser())
+    lora_dir = None if settings.lora_dir is None else Path(settings.lora_dir).expanduser()
+    return dataclasses.replace(settings, data=Path(settings.data).expanduser(), lora_dir=lora_dir)
 
 
 def is_loopback(host: str) -> bool:

@@ -72,9 +72,26 @@ class Params:
     seed: int
     sampler: str
     fps: float
+    # Beyond one text-to-video clip (issue 7); defaults keep rows written before these fields readable. ``prompt``
+    # is "" when ``prompt_schedule`` is given. Uploads are names in the data folder's uploads (see files.Inputs),
+    # LoRAs ``(name, scale)`` pairs from the server's adapter folder.
+    prompt_schedule: str | None = None
+    window: int | None = None
+    window_stride: int | None = None
+    init_video: str | None = None
+    init_image: str | None = None
+    strength: float | None = None
+    loop: bool = False
+    freeu: bool = False
+    freeinit: int = 0
+    loras: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", tuple((str(n), float(s)) for n, s in self.loras))  # JSON gives lists
 
     def pipeline_kwargs(self) -> dict:
-        """The keyword arguments of ``Pipeline.validate`` and ``Pipeline.__call__`` that these settings fill."""
+        """The keyword arguments of ``Pipeline.validate`` and ``Pipeline.__call__`` that these settings fill (the
+        pictures and adapters, which are files, are the worker's to add)."""
         return {
             "negative_prompt": self.negative_prompt,
             "num_frames": self.frames,
@@ -84,6 +101,12 @@ class Params:
             "guidance_scale": self.guidance,
             "seed": self.seed,
             "sampler": self.sampler,
+            "prompt_schedule": self.prompt_schedule,
+            "window": self.window,
+            "window_stride": self.window_stride,
+            "loop": self.loop,
+            "freeu": self.freeu,
+            "freeinit": self.freeinit,
         }
 
 

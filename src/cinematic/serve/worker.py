@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from cinematic.errors import CinematicError
-from cinematic.serve.files import Files
+from cinematic.serve.files import Files, Inputs
 from cinematic.serve.metrics import Histogram
 from cinematic.serve.store import Job, Params, Store
 
@@ -41,9 +41,11 @@ class Worker(threading.Thread):
         files: Files,
         generation: Histogram,
         threads: int | None = None,
+        inputs: Inputs | None = None,
     ):
         super().__init__(name=f"cinematic-worker-{device}", daemon=True)
         self.device, self.pipeline, self.store, self.files = device, pipeline, store, files
+        self.inputs = inputs
         self.generation, self.threads = generation, threads
         self._wake, self._stopping, self._cancel = threading.Event(), threading.Event(), threading.Event()
         self._state = threading.Lock()
@@ -128,6 +130,7 @@ class Worker(threading.Thread):
         clip = self.pipeline(
             p.prompt,
             **p.pipeline_kwargs(),
+            **(self.inputs.call_kwargs(p) if self.inputs is not None else {}),
             progress=False,
             callback=self._step,
         )

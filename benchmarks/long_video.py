@@ -1,0 +1,144 @@
+"""Long videos and prompt schedules, measured with the shapes model and its judge (issue 7's acceptance).
+
+Three measurements, printed as a table and optionally written as JSON:
+
+1. **Consistency**: one ``--frames`` (64) video per caption and seed, windows of the model's 16 frames. Each
+   16-frame quarter is judged alone; a video keeps its object when every quarter reads the same colour and the same
+   shape (and, reported beside it, when those are the caption's).
+2. **Direction switch**: ``"0: a red circle moving right | 32: a red circle moving left"`` (each caption against its
+   opposite direction); a video passes when frames 0-31 move the first way and frames 32-63 the other.
+3. **Memory**: peak RSS of a whole generation (load, sample, decode) of 16 frames and of ``--frames`` frames, each
+   in its own child process, and their ratio.
+
+    .venv/bin/python benchmarks/long_video.py --seeds 2 --json build/long-video.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def captions_for(count: int) -> list[str]:
+    """``count`` training captions spread over the list, so that every colour, shape and direction appears."""
+    from cinematic.data.shapes import TRAIN_CAPTIONS
+
+    step = max(1, len(TRAIN_CAPTIONS) // count)
+    return list(TRAIN_CAPTIONS[::step][:count])
+
+
+def consistency(pipe, captions: list[str], seeds: int, frames: int, steps: int) -> dict:
+    from cinematic.data.shapes import parse_caption
+    from cinematic.eval.judge import judge_video
+
+    kept = matched = total = 0
+    rows = []
+    for seed in range(seeds):
+        request = pipe.validate(captions, num_frames=frames, steps=steps, seed=seed)
+        videos = [v.cpu().numpy() for v in pipe.decode(pipe.sample(request, progress=False))]
+        for caption, video in zip(captions, videos):
+            colour, shape, _ = parse_caption(caption)
+            quarters = [judge_video(video[q : q + 16]) for q in range(0, frames - 15, 16)]
+            colours, shapes = [v.colour for v in quarters], [v.shape for v in quarters]
+            keeps = None not in colours and None not in shapes and len(set(colours)) == len(set(shapes)) == 1
+            right = keeps and colours[0] == colour and shapes[0] == shape
+            kept, matched, total = kept + keeps, matched + right, total + 1
+            rows.append({"caption": caption, "seed": seed, "colours": colours, "shapes": shapes, "keeps": keeps})
+    return {"videos": total, "keeps": kept / total, "keeps_and_matches_caption": matched / total, "rows": rows}
+
+
+def switch(pipe, captions: list[str], seeds: int, frames: int, steps: int) -> dict:
+    from cinematic.data.shapes import caption_of, parse_caption
+    from cinematic.eval.judge import judge_video
+
+    half = frames // 2
+    passed = total = 0
+    rows = []
+    for seed in range(seeds):
+        for caption in captions:
+            colour, shape, direction = parse_caption(caption)
+            then = caption_of(colour, shape, OPPOSITE[direction])
+            schedule = f"0: {caption} | {half}: {then}"
+            video = pipe("", prompt_schedule=schedule, num_frames=frames, steps=steps, seed=seed, progress=False)
+            frames_np = video.frames.cpu().numpy()
+            first, second = judge_video(frames_np[:half]).direction, judge_video(frames_np[half:]).direction
+            ok = first == direction and second == OPPOSITE[direction]
+            passed, total = passed + ok, total + 1
+            rows.append({"schedule": schedule, "seed": seed, "first": first, "second": second, "passed": ok})
+    return {"videos": total, "passed": passed / total, "rows": rows}
+
+
+CHILD = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from cinematic.pipeline import Pipeline
+pipe = Pipeline.from_pretrained({model!r})
+video = pipe("a red circle moving right", num_frames={frames}, steps={steps}, seed=0, progress=False)
+assert video.frames.shape[0] == {frames}
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(model: str, frames: int, steps: int) -> float:
+    """Peak RSS (MiB) of a child process that loads the model and makes one ``frames``-frame video."""
+    code = CHILD.format(model=model, frames=frames, steps=steps)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return int(out.split()[-1]) / 1024  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--captions", type=int, default=8, help="training captions to use (default 8)")
+    parser.add_argument("--seeds", type=int, default=2, help="videos per caption (default 2)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["consistency", "switch", "memory"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from cinematic.eval.cli import same_seed_pipeline
+
+    torch.set_num_threads(1)
+    pipe = same_seed_pipeline(args.model, "cpu")
+    captions = captions_for(args.captions)
+    report: dict = {"settings": vars(args) | {"json": None, "captions": captions}}
+    began = time.perf_counter()
+    if "consistency" not in args.skip:
+        report["consistency"] = consistency(pipe, captions, args.seeds, args.frames, args.steps)
+        print(f"consistency done, {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    if "switch" not in args.skip:
+        report["switch"] = switch(pipe, captions, args.seeds, args.frames, args.steps)
+        print(f"switch done, {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    if "memory" not in args.skip:
+        short, long = peak_rss_mb(args.model, 16, args.steps), peak_rss_mb(args.model, args.frames, args.steps)
+        report["memory"] = {"peak_rss_mb_16": round(short, 1), f"peak_rss_mb_{args.frames}": round(long, 1)}
+        report["memory"]["ratio"] = round(long / short, 3)
+
+    print(f"| measurement ({args.frames} frames, {args.captions} captions x {args.seeds} seeds) | result | bar |")
+    print("| --- | --- | --- |")
+    if "consistency" in report:
+        c = report["consistency"]
+        print(f"| keeps colour and shape in all four 16-frame quarters | {c['keeps']:.1%} | >= 90% |")
+        print(f"| ... and they are the caption's | {c['keeps_and_matches_caption']:.1%} | |")
+    if "switch" in report:
+        print(f"| direction switch at frame {args.frames // 2} followed | {report['switch']['passed']:.1%} | >= 80% |")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"| peak RSS, {args.frames} frames / 16 frames | {m['ratio']:.2f}x | <= 1.3x |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
