@@ -34,6 +34,24 @@ def quick_settings(data: Path, **changes: Any) -> Settings:
     return Settings(model="shapes", data=data, devices=("cpu",), threads=1, limits=limits, **changes)
 
 
+@contextlib.contextmanager
+def running(data: Path, **changes: Any) -> Iterator[Any]:
+    """The real app with its workers, in this process, behind Starlette's TestClient (a ``quick_settings`` server)."""
+    from fastapi.testclient import TestClient
+
+    from cinematic.serve.app import create_app
+
+    with TestClient(create_app(quick_settings(data, **changes))) as client:
+        yield client
+
+
+def submit(client: Any, **body: Any) -> dict:
+    """``POST /v1/videos`` that must be accepted; the job as returned."""
+    response = client.post("/v1/videos", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def wait_for(check: Callable[[], T | None], timeout: float = 60.0, every: float = 0.05, what: str = "") -> T:
     """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -6,7 +6,6 @@ stay running (to cancel them, or to fill the queue) ask for thousands of steps a
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 from collections.abc import Iterator
@@ -21,26 +20,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 from cinematic import video  # noqa: E402
 from cinematic.cli import main  # noqa: E402
 from cinematic.errors import CinematicError  # noqa: E402
-from cinematic.serve.app import create_app  # noqa: E402
 from cinematic.serve.service import Service  # noqa: E402
 from cinematic.serve.settings import Limits, resolve  # noqa: E402
-from tests.serve_helpers import quick_settings, wait_for, wait_status  # noqa: E402
+from tests.serve_helpers import quick_settings, running, submit, wait_for, wait_status  # noqa: E402
 
 QUICK = {"prompt": "a red circle moving left", "steps": 4, "frames": 8}
 LONG = {"prompt": "a blue square moving up", "steps": 1000}  # minutes: it only ever gets cancelled
 ROOMY = Limits(max_steps=1000)
-
-
-@contextlib.contextmanager
-def running(data: Path, **changes) -> Iterator[TestClient]:
-    with TestClient(create_app(quick_settings(data, **changes))) as client:
-        yield client
-
-
-def submit(client: TestClient, **body) -> dict:
-    response = client.post("/v1/videos", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def files(data: Path) -> list[str]:

@@ -4,8 +4,6 @@ FreeU/FreeInit, and LoRA adapters from the server's own folder."""
 from __future__ import annotations
 
 import base64
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +15,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from cinematic import video  # noqa: E402
 from cinematic.data.shapes import render_clip  # noqa: E402
-from cinematic.serve.app import create_app  # noqa: E402
 from cinematic.serve.settings import Limits  # noqa: E402
-from tests.serve_helpers import quick_settings, wait_status  # noqa: E402
+from tests.serve_helpers import running, submit, wait_status  # noqa: E402
 
 QUICK = {"steps": 3}
-
-
-@contextlib.contextmanager
-def running(data: Path, **changes) -> Iterator[TestClient]:
-    with TestClient(create_app(quick_settings(data, **changes))) as client:
-        yield client
-
-
-def submit(client: TestClient, **body) -> dict:
-    response = client.post("/v1/videos", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def rejected(client: TestClient, body: dict, param: str) -> str:
@@ -166,8 +151,8 @@ def lora_dir(tmp_path_factory) -> Path:
 def test_loras_come_from_the_servers_folder_only(tmp_path, lora_dir):
     with running(tmp_path / "data", lora_dir=lora_dir) as client:
         assert client.get("/healthz").json()["loras"] == ["wiggle"]
-        base = submit(client, prompt="a red circle moving left", frames=4, seed=1, **QUICK)
-        adapted = submit(client, loras=[{"name": "wiggle", "scale": 1.0}], **{**base_body(), "seed": 1})
+        base = submit(client, **base_body(), seed=1)
+        adapted = submit(client, **base_body(), seed=1, loras=[{"name": "wiggle", "scale": 1.0}])
         assert adapted["loras"] == [{"name": "wiggle", "scale": 1.0}]
         (_, plain), (_, changed) = finished(client, base), finished(client, adapted)
         assert not np.array_equal(plain.frames, changed.frames)

@@ -94,15 +94,12 @@ def reschedule_noise(first: Tensor, frames: int, stride: int, generator: torch.G
     window = first.shape[2]
     if frames <= window:
         return first[:, :, :frames]
-    parts, total = [first], window
-    while total < frames:
-        n = min(stride, frames - total)
-        source = torch.arange(total - window, total - window + n)
-        order = source[torch.randperm(n, generator=generator)]
-        whole = torch.cat(parts, dim=2)
-        parts.append(whole[:, :, order])
-        total += n
-    return torch.cat(parts, dim=2)
+    noise = first.new_empty((*first.shape[:2], frames, *first.shape[3:]))
+    noise[:, :, :window] = first
+    for i in range(window, frames, stride):
+        n = min(stride, frames - i)
+        noise[:, :, i : i + n] = noise[:, :, i - window + torch.randperm(n, generator=generator)]
+    return noise
 
 
 @dataclass
@@ -120,8 +117,6 @@ class WindowedEps:
             raise ValueError(f"{len(self.models)} window models for {len(self.starts)} windows")
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if len(self.starts) == 1 and x.shape[2] <= self.window:
-            return self.models[0](x, t)
         weight = tent(self.window).to(x.device, x.dtype).view(1, 1, -1, 1, 1)
         total = torch.zeros_like(x)
         norm = torch.zeros((1, 1, x.shape[2], 1, 1), dtype=x.dtype, device=x.device)

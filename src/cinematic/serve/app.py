@@ -273,8 +273,9 @@ def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Pa
         for field in ("init_video", "init_image"):
             if getattr(body, field) is not None:
                 uploads[field] = service.inputs.save(_decode_upload(field, getattr(body, field), limits.max_upload))
-        if "init_video" in uploads and frames is None:
-            frames = min(_clip_frames(service.inputs.path(uploads["init_video"])), limits.max_frames)
+        pictures = _read_uploads(service, uploads)
+        if pictures is not None and pictures.video is not None and frames is None:
+            frames = min(len(pictures.video), limits.max_frames)
         return Params(
             prompt=body.prompt or "",
             negative_prompt=body.negative_prompt,
@@ -331,14 +332,20 @@ def _decode_upload(field: str, text: str, limit: int) -> bytes:
     return data
 
 
-def _clip_frames(path: Path) -> int:
-    from cinematic.conditioning import load_video
+def _read_uploads(service: Service, uploads: dict[str, str]) -> Any:
+    """The uploads decoded, once, as the worker will read them (a ``cinematic.conditioning.Pictures`` or None); a file
+    that does not decode, or an init video sent with an init image, is a 422."""
+    from cinematic.conditioning import load_pictures
 
+    paths = {field: service.inputs.path(name) for field, name in uploads.items()}
     try:
-        return len(load_video(path))
+        return load_pictures(paths.get("init_video"), paths.get("init_image"))
     except CinematicError as error:
-        message = str(error).replace(str(path), "the upload")
-        raise ApiError(422, f"init_video: {message}", "invalid_value", param="init_video") from None
+        message = str(error)
+        for path in paths.values():
+            message = message.replace(str(path), "the upload")
+        param = "init_video" if "init_video" in paths else "init_image"
+        raise ApiError(422, f"{param}: {message}", "invalid_value", param=param) from None
 
 
 def _limits(settings: Settings, service: Service) -> Limits:
@@ -347,10 +354,8 @@ def _limits(settings: Settings, service: Service) -> Limits:
 
 
 def _check_with_pipeline(service: Service, p: Params) -> None:
-    """The pipeline's own checks, so that nothing a worker would reject is ever queued: the settings, and the
-    uploads as pictures (an image that does not decode, an init video with an init image)."""
-    from cinematic.conditioning import load_pictures
-
+    """The pipeline's own checks of the settings, so that nothing a worker would reject is ever queued (the uploads
+    were read by ``_read_uploads``)."""
     try:
         service.workers[0].pipeline.validate(
             p.prompt,
@@ -360,17 +365,6 @@ def _check_with_pipeline(service: Service, p: Params) -> None:
         field = str(error).split(" ", 1)[0]
         param = {"height": "size", "width": "size", "prompt": "prompt_schedule", "window": "window"}.get(field, field)
         raise ApiError(422, str(error), "invalid_value", param=param) from error
-    if p.init_image is not None or p.init_video is not None:
-        files = service.inputs.call_kwargs(p)
-        try:
-            load_pictures(files.get("init_video"), files.get("init_image"))
-        except CinematicError as error:
-            message = str(error)
-            for name in ("init_video", "init_image"):
-                if name in files:
-                    message = message.replace(str(files[name]), "the upload")
-            param = "init_image" if "image" in message and p.init_video is None else "init_video"
-            raise ApiError(422, message, "invalid_value", param=param) from error
 
 
 def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> None:

@@ -141,8 +141,10 @@ class Inputs:
         if params.strength is not None:
             kwargs["strength"] = params.strength
         if params.loras:
-            missing = [name for name, _ in params.loras if self.lora(name) is None]
-            if missing:
-                raise CinematicError(f"LoRA adapter {missing[0]!r} is no longer in the server's adapter folder")
-            kwargs["loras"] = [(self.lora(name), scale) for name, scale in params.loras]
+            kwargs["loras"] = []
+            for name, scale in params.loras:
+                path = self.lora(name)
+                if path is None:
+                    raise CinematicError(f"LoRA adapter {name!r} is no longer in the server's adapter folder")
+                kwargs["loras"].append((path, scale))
         return kwargs
