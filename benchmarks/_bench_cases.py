@@ -345,11 +345,15 @@ def load_case(spec: dict[str, Any]) -> None:
     if spec["loader"] == "cinematic":
         import cinematic.models.presets  # noqa: F401  (the networks' modules: imports are not the load)
         import cinematic.tokenizer  # noqa: F401
-        from cinematic.weights import load
+        from cinematic.models import precision  # noqa: F401
+        from cinematic.pipeline import Pipeline
 
-        def run():
-            model = load(spec["folder"], device=device, dtype=dtype, variant=spec.get("variant"))
-            return [model.unet, model.text_encoder, model.vae]
+        def run():  # as generation loads: kept in the files' fp16 and computed in dtype, with "storage"
+            storage = getattr(torch, spec["storage"]) if spec.get("storage") else dtype
+            pipe = Pipeline.from_pretrained(
+                spec["folder"], device=device, dtype=storage, compute_dtype=dtype, variant=spec.get("variant")
+            )
+            return [pipe.model.unet, pipe.model.text_encoder, pipe.model.vae]
 
     elif spec["loader"] == "diffusers":
         _import_diffusers()  # imports are not the load

@@ -55,17 +55,21 @@ CINEMATIC_MODES = {
     "one conditional pass (a truncated step)": {"guidance": 1.0},
     "--int8": {"int8": True},
 }
+# --modes names for them
+MODE_NAMES = dict(zip(["default", "low-memory", "cache", "truncated", "int8"], CINEMATIC_MODES, strict=True))
 PEERS = {
     "diffusers": "TextToVideoSDPipeline 0.42, batched guidance",
     "modelscope": "UNetSD + ddim_sample_loop, 2 passes/step",
 }
-# (loader, layout, variant): every loader from every format it reads
+# (loader, layout, variant, storage): every loader from every format it reads; storage "float16" keeps the weights
+# as the files hold them and computes in the run's dtype (``--dtype fp16 --compute fp32``)
 LOADS = [
-    ("cinematic", "cinematic", None),
-    ("cinematic", "diffusers", "fp16"),
-    ("cinematic", "modelscope", None),
-    ("diffusers", "diffusers", "fp16"),
-    ("modelscope", "modelscope", None),
+    ("cinematic", "cinematic", None, None),
+    ("cinematic", "cinematic", None, "float16"),
+    ("cinematic", "diffusers", "fp16", None),
+    ("cinematic", "modelscope", None, None),
+    ("diffusers", "diffusers", "fp16", None),
+    ("modelscope", "modelscope", None, None),
 ]
 
 
@@ -91,15 +95,17 @@ class Runner:
 
     def loads(self) -> list[dict[str, Any]]:
         results = []
-        for loader, layout, variant in LOADS:
+        for loader, layout, variant, storage in LOADS:
             if loader not in self.args.impls and loader != "cinematic":
                 continue
-            print(f"  load: {loader} from {layout} ...", end=" ", flush=True)
+            kept = f", {storage} kept" if storage else ""
+            print(f"  load: {loader} from {layout}{kept} ...", end=" ", flush=True)
             spec = {"loader": loader, "folder": str(self.folders[layout]), "variant": variant, "model": self.model}
+            spec |= {"storage": storage} if storage else {}
             self.child("load", **spec)  # warm-up: the files are in the page cache from now on
             runs = [self.child("load", **spec) for _ in range(self.args.load_repeats)]
             ok = [r for r in runs if "error" not in r]
-            result = {"loader": loader, "layout": layout, "variant": variant, "runs": runs}
+            result = {"loader": loader, "layout": layout, "variant": variant, "storage": storage, "runs": runs}
             if ok:
                 result |= {key: median([r[key] for r in ok]) for key in ("load_s", "peak_delta", "weights_bytes")}
                 print(f"{result['load_s']:.2f} s", flush=True)
@@ -142,6 +148,9 @@ class Runner:
             labels.remove("--low-memory --dtype fp16 --compute fp32")
         if self.args.dtype != "fp32" or self.args.device != "cpu":
             labels.remove("--int8")
+        if self.args.modes:  # the default mode always runs: it writes the peers' prompt features
+            wanted = {MODE_NAMES[name] for name in self.args.modes} | {MODE_NAMES["default"]}
+            labels = [label for label in labels if label in wanted]
         return labels
 
 
@@ -193,11 +202,13 @@ def generation_table(results: list[dict[str, Any]], peak_gflops: float | None) -
 
 
 def load_table(results: list[dict[str, Any]]) -> str:
-    native = {r["loader"]: r.get("load_s") for r in results if r["loader"] == r["layout"]}
+    native = {r["loader"]: r.get("load_s") for r in results if r["loader"] == r["layout"] and not r.get("storage")}
     headers = ["loader", "files", "load+touch s", "weights GiB", "peak Δ GiB", "vs diffusers", "vs modelscope"]
     rows = []
     for r in results:
         files = r["layout"] + (f" ({r['variant']})" if r["variant"] else "")
+        if r.get("storage"):
+            files += f", weights kept in {r['storage']}"
         if "load_s" not in r:
             rows.append([r["loader"], files, "failed", "-", "-", "-", "-"])
             continue
@@ -289,6 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-repeats", type=int, default=2, help="timed loads per format, after a warm-up")
     parser.add_argument("--impls", nargs="+", default=["cinematic", "diffusers", "modelscope"],
                         choices=["cinematic", "diffusers", "modelscope"])  # fmt: skip
+    parser.add_argument("--modes", nargs="+", choices=list(MODE_NAMES), help="cinematic's modes to run (default all)")
     parser.add_argument("--no-loads", action="store_true", help="skip the load-time table")
     parser.add_argument("--quality", action="store_true", help="also measure each fast mode's error (whole runs)")
     parser.add_argument("--quality-steps", type=int, default=25, help="DPM-Solver++ steps of --quality (default 25)")

@@ -231,6 +231,36 @@ def test_fp16_storage_with_fp32_compute_equals_the_fp32_run_on_the_same_weights(
     assert flops.get_total_flops() > 0
 
 
+def test_casts_go_to_one_arena_and_survive_the_layer_that_reads_them(unet):
+    rounded = UNet3D(UNET_TINY).eval()
+    rounded.load_state_dict({k: v.half().float() for k, v in unet.state_dict().items()})
+    stored = UNet3D(UNET_TINY).half().eval()
+    stored.load_state_dict(unet.state_dict())
+    compute_in(stored, torch.float32)
+    arena = stored.conv_in.parametrizations.weight[0].arena
+    largest = max(p.numel() for p in stored.parameters())
+    assert arena.buffer.numel() == largest + (1 << 20) and arena.buffer.dtype == torch.float32
+    start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.buffer.numel() * 4
+    weight, bias = stored.conv_in.weight, stored.conv_in.bias  # two casts in a row, as a layer reads them
+    assert start <= weight.data_ptr() < end and start <= bias.data_ptr() < end
+    assert torch.equal(weight, stored.conv_in.parametrizations.weight.original.float())
+    # The smallest arena that holds the largest weight and a bias: the ring wraps many times in every forward.
+    biggest_bias = max(p.numel() for name, p in unet.named_parameters() if name.endswith("bias"))
+    arena.buffer, arena.offset = torch.empty(largest + biggest_bias + 16), 0
+    x, t, context = inputs(UNET_TINY, 2, 3, 10, 6)
+    with torch.no_grad():
+        expected = rounded(x, t, context)
+        torch.testing.assert_close(stored(x, t, context), expected, **EXACT)
+        torch.testing.assert_close(stored(x, t, context), expected, **EXACT)
+    original = stored.conv_in.parametrizations.weight.original
+    start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.buffer.numel() * 4
+    with torch.enable_grad():  # a trainable stored weight gets a differentiable cast of its own
+        original.requires_grad_(True)
+        assert not start <= stored.conv_in.weight.data_ptr() < end
+        original.requires_grad_(False)
+    assert start <= stored.conv_in.weight.data_ptr() < end
+
+
 def test_pipeline_fp16_storage_equals_fp32_from_fp16_files(fp16_folder):
     fp32 = Pipeline.from_pretrained(fp16_folder, variant="fp16")
     lean = Pipeline.from_pretrained(fp16_folder, variant="fp16", dtype=torch.float16, compute_dtype=torch.float32)

@@ -131,6 +131,23 @@ def test_modelscope_to_cinematic_is_bitwise_equal(modelscope_dir, tmp_path, dtyp
             assert torch.equal(x[key], y[key]), key
 
 
+def test_weights_in_the_files_dtype_are_a_private_map_of_the_file(modelscope_dir, tmp_path):
+    folder = convert(modelscope_dir, tmp_path / "fp16", dtype=torch.float16)
+    unet_file = folder / "unet.safetensors"
+    before = unet_file.read_bytes()
+    mapped, copied = load(folder, dtype=torch.float16), load(folder, dtype=torch.float32)
+    weights = dict(mapped.unet.named_parameters())
+    assert len({p.untyped_storage().data_ptr() for p in weights.values()}) == 1  # views of one map, no copies
+    assert len({p.untyped_storage().data_ptr() for p in copied.unet.parameters()}) == len(weights)
+    expected = copied.unet.state_dict()
+    assert all(torch.equal(value.float(), expected[key]) for key, value in weights.items())
+    with torch.no_grad():
+        weights["conv_in.weight"].add_(1.0)  # as merging a LoRA does: copy-on-write, the file stays as it was
+    assert unet_file.read_bytes() == before
+    again = load(folder, dtype=torch.float16).unet.conv_in.weight
+    assert torch.equal(again.float(), expected["conv_in.weight"])
+
+
 def test_load_casts_to_requested_dtype(diffusers_dir):
     model = load(diffusers_dir, dtype=torch.bfloat16)
     for name in ("unet", "text_encoder", "vae"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cinematic.errors import CinematicError
+from cinematic.models.components import ScheduleConfig
 from cinematic.pipeline import Pipeline, Video
 from tests.factories import make_diffusers_folder
 
@@ -215,8 +216,16 @@ def test_size_and_frames_default_to_what_the_model_was_trained_on():
     assert (request.num_frames, request.height, request.width) == (8, 48, 32)
 
 
-def test_the_models_own_noise_schedule_matches_diffusers(folder, tmp_path):
-    """A model trained with other scaled-linear betas (the bundled shapes model ends at 0.03) samples with them."""
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"beta_end": 0.03}, ScheduleConfig(beta_end=0.03)),
+    (ZERO_SNR, ScheduleConfig(prediction_type="v_prediction", zero_terminal_snr=True, timestep_spacing="trailing")),
+], ids=["betas", "zero-snr-v-trailing"])  # fmt: skip
+def test_the_models_own_noise_schedule_matches_diffusers(folder, tmp_path, overrides, expected):
+    """A model trained with another schedule samples with it: other scaled-linear betas, or v-prediction on a zero
+    terminal SNR schedule sampled from t = 999 (as the bundled shapes model is)."""
     import json
     import shutil
 
@@ -225,9 +234,9 @@ def test_the_models_own_noise_schedule_matches_diffusers(folder, tmp_path):
     copy = shutil.copytree(folder, tmp_path / "model")
     config_file = copy / "scheduler" / "scheduler_config.json"
     config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "beta_end": 0.03}))
+    config_file.write_text(json.dumps({**config, **overrides}))
     ours = Pipeline.from_pretrained(copy)
-    assert ours.model.config.schedule.beta_end == 0.03
+    assert ours.model.config.schedule == expected
     theirs = TextToVideoSDPipeline.from_pretrained(copy)
     theirs.set_progress_bar_config(disable=True)
     kwargs = dict(num_frames=3, height=32, width=32, num_inference_steps=10, guidance_scale=9.0)
@@ -237,4 +246,4 @@ def test_the_models_own_noise_schedule_matches_diffusers(folder, tmp_path):
     default = Pipeline.from_pretrained(folder)(
         PROMPT, num_frames=3, height=32, width=32, steps=10, seed=4, progress=False
     )
-    assert not torch.equal(default.frames, got.frames)  # the betas made a difference
+    assert not torch.equal(default.frames, got.frames)  # the schedule made a difference

@@ -24,6 +24,7 @@ from cinematic.diffusion import SAMPLERS, DiscreteDenoiser, classifier_free_guid
 from cinematic.diffusion import schedule as sch
 from cinematic.diffusion.samplers import sample_dpmpp_2m, sample_euler
 from cinematic.errors import CinematicError
+from cinematic.models.components import ScheduleConfig
 from tests.factories import SCHEDULER_CONFIG
 
 # The published scheduler_config.json of text-to-video-ms-1.7b (a DDIMScheduler; see tests.factories). The DPM and
@@ -286,6 +287,63 @@ def test_denoiser_inverts_the_training_target(prediction):
         denoiser = DiscreteDenoiser(lambda x, tt, out=target: out, ALPHA_BAR, prediction=prediction)
         x_ve = x0 + sigma * eps  # the VE latent of x_t = signal * x0 + noise * eps
         torch.testing.assert_close(denoiser(x_ve, sigma), x0, rtol=1e-9, atol=1e-9)
+
+
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def test_zero_terminal_snr_table_matches_diffusers():
+    ours = ScheduleConfig(prediction_type="v_prediction", zero_terminal_snr=True).alpha_bar()
+    ref = DDIMScheduler.from_config({**PUBLISHED, **ZERO_SNR}).alphas_cumprod.double()
+    # diffusers rescales in float32: measured 3.9e-7 absolute. Its last entry is exactly 0; ours is 2**-24, as
+    # diffusers' own Euler scheduler sets it, so that every sampler's sigma stays finite.
+    torch.testing.assert_close(ours[:-1], ref[:-1], rtol=0, atol=1e-6)
+    assert ref[-1] == 0 and ours[-1] == sch.ZERO_SNR_ALPHA_BAR and ours[0] == ALPHA_BAR[0]
+    assert torch.all(ours[1:] < ours[:-1])
+
+
+@pytest.mark.parametrize("steps", [1, 7, 25, 30, 50, 333])
+def test_trailing_grids_match_diffusers(steps):
+    t = sch.trailing_timesteps(steps)
+    assert t[0] == 999 and len(t) == steps
+    for cls, grid in [(DDIMScheduler, None), (DPMSolverMultistepScheduler, sch.dpm_solver_sigmas),
+                      (EulerDiscreteScheduler, sch.euler_sigmas)]:  # fmt: skip
+        s = diffusers_scheduler(cls, timestep_spacing="trailing")
+        s.set_timesteps(steps)
+        assert torch.equal(s.timesteps.double(), t.double()), cls.__name__
+        if grid is not None:
+            torch.testing.assert_close(s.sigmas.double(), grid(ALPHA_BAR, steps, "trailing"), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize(("name", "cls", "steps"), [("ddim", DDIMScheduler, 50), ("ddim", DDIMScheduler, 20),
+                                                    ("dpmpp_2m", DPMSolverMultistepScheduler, 25),
+                                                    ("euler", EulerDiscreteScheduler, 25)])  # fmt: skip
+def test_zero_terminal_snr_trajectory_matches_diffusers_float64(name, cls, steps):
+    """A v-prediction model on the rescaled schedule, sampled from t = 999 (the bundled shapes model). diffusers is
+    given our table, whose last entry is 2**-24 rather than 0 (see the table test), so that the comparison
+    checks the trailing grid and the first step at sigma = 4096 alone. (DDIM at step counts that do not divide
+    1000 is left out: diffusers then steps from t to ``t - 1000 // steps``, off its own trailing grid.)"""
+    table = ScheduleConfig(prediction_type="v_prediction", zero_terminal_snr=True).alpha_bar()
+    s = float64_diffusers(cls).from_config({**PUBLISHED, **ZERO_SNR})
+    s.alphas_cumprod = table.clone()
+    if cls is DDIMScheduler:
+        s.final_alpha_cumprod = table[0].clone()
+    else:  # the schedulers that keep sigmas: recompute them from the given table
+        s.sigmas = sch.sigma_from_alpha_bar(table)
+    x_T = noise()
+    ref = run_diffusers(s, x_T, steps)
+    rec = Recorder()
+    ours = sample(name, rec, x_T, steps, alpha_bar=table, prediction="v_prediction", spacing="trailing"), rec.calls
+    assert_same_trajectory(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_schedule_config_checks_its_options():
+    with pytest.raises(CinematicError, match="zero terminal SNR schedule needs prediction_type 'v_prediction'"):
+        ScheduleConfig(zero_terminal_snr=True)
+    with pytest.raises(
+        CinematicError, match="timestep spacing 'leading' is not supported; allowed: 'default', 'trailing'"
+    ):
+        ScheduleConfig(timestep_spacing="leading")
 
 
 @pytest.mark.parametrize(("name", "cls", "overrides", "steps", "step_kwargs"), TRAJECTORIES)

@@ -86,11 +86,38 @@ def test_page_generates_and_plays_a_video(tmp_path):
                 screenshot = tmp_path / "page.png"
                 page.screenshot(path=str(screenshot))
                 assert screenshot.stat().st_size > 10_000
+
+                # The settings beyond one prompt: a schedule in place of the prompt, a picture to animate, loop, FreeU.
+                page.fill("textarea[name=prompt]", "")
+                page.click("#more-settings summary")
+                page.fill("input[name=prompt_schedule]", "0: a red circle moving right | 8: a red circle moving left")
+                page.set_input_files("input[name=init_image]", str(_picture(tmp_path / "still.png")))
+                page.check("input[name=loop]")
+                page.check("input[name=freeu]")
+                page.fill("input[name=steps]", "4")
+                page.click("#generate")
+                page.wait_for_function("() => document.querySelectorAll('.job').length === 2")
+                newest = page.locator(".job").first
+                page.wait_for_function("() => document.querySelector('.job').dataset.status === 'completed'",
+                                       timeout=60_000)  # fmt: skip
+                settings = newest.locator(".settings").inner_text()
+                assert "from a picture" in settings and "loop" in settings and "FreeU" in settings, settings
+                assert newest.locator(".prompt").inner_text().startswith("0: a red circle moving right")
+                assert page.locator("#form-error").inner_text() == ""
                 assert errors == [], errors
             finally:
                 browser.close()
     finally:
         server.stop()
+
+
+def _picture(path):
+    from PIL import Image
+
+    from cinematic.data.shapes import render_clip
+
+    Image.fromarray(render_clip("a green square moving up", seed=3)[0]).save(path)
+    return path
 
 
 def _watch_progress(page, timeout: float = 120.0) -> list[int]:

@@ -166,3 +166,27 @@ def test_loras_come_from_the_servers_folder_only(tmp_path, lora_dir):
 
 def base_body() -> dict:
     return {"prompt": "a red circle moving left", "frames": 4, **QUICK}
+
+
+def test_uploads_no_job_refers_to_are_swept_at_start(tmp_path):
+    """A server stopped between saving an upload and queueing its job leaves the file behind; the next start
+    removes it, and keeps the uploads of the jobs it still holds."""
+    from cinematic.serve.files import Inputs
+    from cinematic.serve.store import Params, Store
+
+    store, inputs = Store(tmp_path), Inputs(tmp_path / "uploads")
+    kept, orphan = inputs.save(b"a clip"), inputs.save(b"another clip")
+    half_written = inputs.folder / ".tmp-abc"
+    half_written.write_bytes(b"half")
+    other = inputs.folder / "notes.txt"  # not ours to remove
+    other.write_text("x")
+    params = Params("", None, "shapes", 16, 32, 32, 10, 9.0, 1, "ddim", 8.0, prompt_schedule="0: a red circle",
+                    init_video=kept, strength=0.6)  # fmt: skip
+    store.add(params, max_queue=10)
+    try:
+        assert store.upload_names() == {kept}
+        assert inputs.sweep(store.upload_names()) == 2
+    finally:
+        store.close()
+    assert sorted(p.name for p in inputs.folder.iterdir()) == sorted([kept, "notes.txt"])
+    assert orphan not in {p.name for p in inputs.folder.iterdir()}

@@ -201,3 +201,25 @@ def test_runs_in_half_precision(dtype):
         actual = model.to(dtype)(x.to(dtype), 981, context.to(dtype))
     assert actual.dtype == dtype
     torch.testing.assert_close(actual.float(), expected, rtol=0.1, atol=0.1)
+
+
+def test_frame_positions_give_temporal_attention_the_frame_order():
+    from cinematic.models.unet3d_blocks import TemporalTransformer, frame_embedding
+
+    torch.manual_seed(0)
+    plain, placed = TemporalTransformer(16, 2, 8, 4), TemporalTransformer(16, 2, 8, 4, positions=True)
+    placed.load_state_dict(plain.state_dict())  # no weights of their own: the same keys and tensors
+    x = torch.randn(2 * 6, 16, 3, 3)  # [(B F), C, H, W], 6 frames
+    order = torch.tensor([5, 2, 0, 4, 1, 3])
+    permute = lambda t: t.view(2, 6, 16, 3, 3)[:, order].reshape(12, 16, 3, 3)  # noqa: E731
+    with torch.no_grad():
+        # Without positions, attention over frames cannot tell their order: permuting the input permutes the output.
+        torch.testing.assert_close(plain(permute(x), 6), permute(plain(x, 6)), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(placed(permute(x), 6), permute(placed(x, 6)), rtol=1e-3, atol=1e-3)
+    table = frame_embedding(6, 9, torch.device("cpu"), torch.float32)
+    assert (
+        table.shape == (6, 9) and torch.equal(table[0, :4], torch.zeros(4)) and torch.equal(table[:, 8], torch.zeros(6))
+    )
+    full = UNet3D(dataclasses.replace(UNET_TINY, frame_positions=True))
+    assert full.state_dict().keys() == UNet3D(UNET_TINY).state_dict().keys()
+    assert all(t.positions for t in full.modules() if isinstance(t, TemporalTransformer))

@@ -131,10 +131,7 @@ class Pipeline:
         """``dtype``: what the networks compute in (their weights may be stored in another, see
         :func:`cinematic.models.precision.compute_in`)."""
         self.model, self.device, self.dtype = model, torch.device(device), dtype
-        from cinematic.diffusion import alpha_bar_scaled_linear
-
-        s = model.config.schedule
-        self.alpha_bar = alpha_bar_scaled_linear(s.beta_start, s.beta_end, s.num_train_timesteps)
+        self.alpha_bar = model.config.schedule.alpha_bar()
         # How to load the text encoder again after low-memory mode freed it; set by from_pretrained.
         self._reload_text_encoder: Callable[[], torch.nn.Module] | None = None
 
@@ -436,6 +433,7 @@ class Pipeline:
                 start=start.start,
                 wrap=None if pin is None else pin.wrap,
                 prediction=self.model.config.schedule.prediction_type,
+                spacing=self.model.config.schedule.timestep_spacing,
             )
             return latents if pin is None else pin.finish(latents)
 

@@ -174,7 +174,7 @@ class SamplerSpec:
     """
 
     fn: Sampler
-    sigmas: Callable[[Tensor, int], Tensor]
+    sigmas: Callable[[Tensor, int, str], Tensor]
     noise_is_vp: bool
     interpolation: str = "log"
     quantize: bool = True
@@ -214,6 +214,7 @@ def sample(
     start: int = 0,
     wrap: Callable[[Callable[[Tensor, Tensor], Tensor]], Callable[[Tensor, Tensor], Tensor]] | None = None,
     prediction: str = "epsilon",
+    spacing: str = "default",
 ) -> Tensor:
     """Denoise ``noise`` with the named sampler in ``steps`` network evaluations; return the VP latent to decode.
 
@@ -227,13 +228,13 @@ def sample(
     ``init`` (video-to-video, see :mod:`cinematic.conditioning`): a clean latent; sampling then skips the grid's
     first ``start`` steps and begins from ``init + sigma * noise``, diffusers' ``add_noise`` in VE form. ``wrap``
     wraps the denoiser (pinned frames). ``prediction`` is the model's ``prediction_type``: ``eps_model`` returns ε
-    (``"epsilon"``) or v (``"v_prediction"``).
+    (``"epsilon"``) or v (``"v_prediction"``). ``spacing`` is the model's ``timestep_spacing``.
     """
     spec = get_sampler(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= schedule.NUM_TRAIN_TIMESTEPS:
         raise CinematicError(f"steps must be an integer from 1 to {schedule.NUM_TRAIN_TIMESTEPS}, not {steps!r}")
     alpha_bar = schedule.alpha_bar_scaled_linear() if alpha_bar is None else alpha_bar.to("cpu", torch.float64)
-    sigmas = spec.sigmas(alpha_bar, steps)[start:]
+    sigmas = spec.sigmas(alpha_bar, steps, spacing)[start:]
     denoiser = DiscreteDenoiser(eps_model, alpha_bar, spec.interpolation, spec.quantize, prediction)
     denoiser = denoiser if wrap is None else wrap(denoiser)
     sigma_max, sigma_min = sigmas[0].item(), sigmas[-1].item()

@@ -28,6 +28,23 @@ def alpha_bar_scaled_linear(beta_start: float = 0.00085, beta_end: float = 0.012
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+# alpha_bar at the last step of a zero terminal SNR schedule: not 0, so that sigma stays finite for the samplers,
+# which work in the VE form (diffusers' Euler uses the same value; its signal, 2**-12, is below float32 resolution
+# of anything added to unit noise).
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def rescale_zero_terminal_snr(alpha_bar: Tensor) -> Tensor:
+    """Shift and scale ``sqrt(alpha_bar)`` so that it ends at 0 and still starts where it did (Lin et al. 2024,
+    algorithm 1); the last value is then :data:`ZERO_SNR_ALPHA_BAR` rather than exactly 0. Float64."""
+    root = alpha_bar.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    out = root**2
+    out[-1] = ZERO_SNR_ALPHA_BAR
+    return out
+
+
 def sigma_from_alpha_bar(alpha_bar: Tensor) -> Tensor:
     """VE noise level of a VP signal fraction: ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``."""
     return ((1.0 - alpha_bar) / alpha_bar).sqrt()
@@ -62,6 +79,13 @@ def ddim_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, offset: int
     stride = num_train // steps
     t = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * stride + offset
     return t.clamp(max=num_train - 1)
+
+
+def trailing_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
+    """ "Trailing" spacing (Lin et al. 2024, table 2; diffusers' ``timestep_spacing="trailing"``): counted down from
+    the last training step, ``round(num_train - k * num_train / steps) - 1`` for ``k = 0 .. steps-1``. For 50 steps:
+    999, 979, ..., 19. The first step is the pure-noise one, which a zero terminal SNR model is trained on. Int64."""
+    return (num_train - torch.arange(steps, dtype=torch.float64) * (num_train / steps)).round().to(torch.int64) - 1
 
 
 def dpm_solver_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
@@ -125,29 +149,36 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 # --- the sigma grids the samplers walk: ``steps + 1`` values, the last one the level the result is returned at ---
 
 
-def ddim_sigmas(alpha_bar: Tensor, steps: int) -> Tensor:
-    """DDIM grid: sigma at the leading timesteps, then sigma at t = 0, because the last step goes to alpha_bar[0]
-    and not to 1 (``set_alpha_to_one=False``; ModelScope's ``alpha_bar[max(t - stride, 0)]``)."""
+def ddim_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
+    """DDIM grid: sigma at the leading (or ``"trailing"``) timesteps, then sigma at t = 0, because the last step goes
+    to alpha_bar[0] and not to 1 (``set_alpha_to_one=False``; ModelScope's ``alpha_bar[max(t - stride, 0)]``)."""
     table = sigma_from_alpha_bar(alpha_bar)
-    return torch.cat([table[ddim_timesteps(steps, len(alpha_bar))], table[:1]])
+    t = trailing_timesteps(steps, len(alpha_bar)) if spacing == "trailing" else ddim_timesteps(steps, len(alpha_bar))
+    return torch.cat([table[t], table[:1]])
 
 
-def dpm_solver_sigmas(alpha_bar: Tensor, steps: int) -> Tensor:
-    """DPM-Solver grid: sigma at :func:`dpm_solver_timesteps`, then 0 (``final_sigmas_type="zero"``)."""
+def dpm_solver_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
+    """DPM-Solver grid: sigma at :func:`dpm_solver_timesteps` (or the trailing ones), then 0
+    (``final_sigmas_type="zero"``)."""
     table = sigma_from_alpha_bar(alpha_bar)
-    return torch.cat([table[dpm_solver_timesteps(steps, len(alpha_bar))], table.new_zeros(1)])
+    trailing = spacing == "trailing"
+    t = trailing_timesteps(steps, len(alpha_bar)) if trailing else dpm_solver_timesteps(steps, len(alpha_bar))
+    return torch.cat([table[t], table.new_zeros(1)])
 
 
-def karras_dpm_sigmas(alpha_bar: Tensor, steps: int) -> Tensor:
+def karras_dpm_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
     """Karras grid between the table's own extremes, sigma(t=0) and sigma(t=999), then 0. The network is fed the
     rounded log-interpolated timestep of each level (:func:`sigma_to_t` with ``quantize=True``), as diffusers does,
-    while the solver uses the exact Karras sigma."""
+    while the solver uses the exact Karras sigma. ``spacing`` does not apply: the grid spans the whole table."""
     table = sigma_from_alpha_bar(alpha_bar)
     sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def euler_sigmas(alpha_bar: Tensor, steps: int) -> Tensor:
-    """Euler grid: sigma linearly interpolated at the fractional :func:`euler_timesteps`, then 0."""
-    sigmas = sigma_at(euler_timesteps(steps, len(alpha_bar)), alpha_bar)
+def euler_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
+    """Euler grid: sigma linearly interpolated at the fractional :func:`euler_timesteps` (or at the integer trailing
+    ones), then 0."""
+    trailing = spacing == "trailing"
+    t = trailing_timesteps(steps, len(alpha_bar)) if trailing else euler_timesteps(steps, len(alpha_bar))
+    sigmas = sigma_at(t, alpha_bar)
     return torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -21,23 +21,45 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("default", "trailing")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     """The training noise schedule: 1000 discrete steps with scaled-linear betas, and what the UNet predicts: the
     noise (``"epsilon"``, every published checkpoint) or ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``
-    (``"v_prediction"``, Salimans & Ho 2022; the bundled shapes model)."""
+    (``"v_prediction"``, Salimans & Ho 2022).
+
+    ``zero_terminal_snr`` rescales the betas so that the last step holds no signal at all (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed"; diffusers' ``rescale_betas_zero_snr``); it needs
+    v-prediction, and ``timestep_spacing="trailing"`` so that sampling starts at that step. ``"default"`` spacing is
+    each sampler's own, as diffusers builds it from the published configs."""
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+    timestep_spacing: str = "default"
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             allowed = ", ".join(repr(p) for p in PREDICTION_TYPES)
             raise CinematicError(f"prediction type {self.prediction_type!r} is not supported; allowed: {allowed}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            allowed = ", ".join(repr(p) for p in TIMESTEP_SPACINGS)
+            raise CinematicError(f"timestep spacing {self.timestep_spacing!r} is not supported; allowed: {allowed}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise CinematicError(
+                "a zero terminal SNR schedule needs prediction_type 'v_prediction' (ε is undefined there)"
+            )
+
+    def alpha_bar(self):
+        """The float64 ``alpha_bar`` table of this schedule (see :mod:`cinematic.diffusion.schedule`)."""
+        from cinematic.diffusion.schedule import alpha_bar_scaled_linear, rescale_zero_terminal_snr
+
+        table = alpha_bar_scaled_linear(self.beta_start, self.beta_end, self.num_train_timesteps)
+        return rescale_zero_terminal_snr(table) if self.zero_terminal_snr else table
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,43 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 
-class _Cast(nn.Module):
-    """A parametrization: the stored tensor, cast to ``dtype`` on every access."""
+class CastArena:
+    """Where the per-layer casts of :func:`compute_in` are written: one preallocated buffer used as a ring.
 
-    def __init__(self, dtype: torch.dtype):
+    Each cast takes the next ``numel`` elements and wraps to the start when the end is reached, so a cast stays
+    intact until later casts have filled the rest of the buffer. The buffer holds the largest parameter plus 2**20
+    elements: each layer of cinematic's networks reads at most its weight and one bias in a call (a cast that
+    does not fit at the end starts again at 0, so the two never overlap), and nothing keeps a cast weight past
+    the call that reads it. Without the arena every cast would be a fresh allocation, and on Linux a large one is
+    a fresh mapping whose pages fault in again at every step.
+    """
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        self.offset = 0
+
+    def cast(self, stored: torch.Tensor) -> torch.Tensor:
+        n = stored.numel()
+        if n > self.buffer.numel():  # not planned for (a parameter added after compute_in): a plain cast
+            return stored.to(self.buffer.dtype)
+        if self.offset + n > self.buffer.numel():
+            self.offset = 0
+        out = self.buffer[self.offset : self.offset + n].view(stored.shape)
+        self.offset += -(-n // 16) * 16  # keep every slice 64-byte aligned for the vector kernels
+        return out.copy_(stored)
+
+
+class _Cast(nn.Module):
+    """A parametrization: the stored tensor, cast to ``dtype`` on every access (into ``arena`` when given)."""
+
+    def __init__(self, dtype: torch.dtype, arena: CastArena | None = None):
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.arena = dtype, arena
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.to(self.dtype)
+        if self.arena is None or torch.is_grad_enabled() and stored.requires_grad:
+            return stored.to(self.dtype)
+        return self.arena.cast(stored)
 
 
 def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -36,14 +64,25 @@ def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     access (inside the layer's forward), so only one layer's weights exist in ``dtype`` at a time. Parameters already
     in ``dtype`` are left alone. The state-dict keys of a cast parameter gain ``parametrizations.<name>.original``;
     this is a mode for inference, not for saving. (cinematic's networks have no floating buffers to cast.)
+
+    On the CPU the casts are written into one :class:`CastArena` per module instead of fresh memory.
     """
-    for sub in list(module.modules()):
-        for name, param in list(sub.named_parameters(recurse=False)):
-            if param.is_floating_point() and param.dtype != dtype:
-                # Inference only: frozen, so that nothing (autograd, FlopCounterMode's module tracker) treats the
-                # cast as a step of a graph to differentiate.
-                param.requires_grad_(False)
-                parametrize.register_parametrization(sub, name, _Cast(dtype), unsafe=True)
+    cast = [
+        (sub, name, param)
+        for sub in module.modules()
+        for name, param in sub.named_parameters(recurse=False)
+        if param.is_floating_point() and param.dtype != dtype
+    ]
+    if not cast:
+        return module
+    device = cast[0][2].device
+    largest = max(param.numel() for _, _, param in cast)
+    arena = CastArena(largest + (1 << 20), dtype, device) if device.type == "cpu" else None
+    for sub, name, param in cast:
+        # Inference only: frozen, so that nothing (autograd, FlopCounterMode's module tracker) treats the cast as a
+        # step of a graph to differentiate.
+        param.requires_grad_(False)
+        parametrize.register_parametrization(sub, name, _Cast(dtype, arena), unsafe=True)
     return module
 
 

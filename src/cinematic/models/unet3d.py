@@ -56,6 +56,9 @@ class UNet3DConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-5
     transformer_in_heads: int = 8  # transformer_in alone has a fixed head count (8 x 64 = 512 inner)
+    # Sinusoidal frame positions in every temporal transformer. Not in the published model (whose frame order comes
+    # from the temporal convolutions alone); the small shapes model needs them to tie a direction word to motion.
+    frame_positions: bool = False
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -107,7 +110,9 @@ class UNet3D(nn.Module):
         c0 = widths[0]
         self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
-        self.transformer_in = TemporalTransformer(c0, config.transformer_in_heads, config.head_dim, config.norm_groups)
+        self.transformer_in = TemporalTransformer(
+            c0, config.transformer_in_heads, config.head_dim, config.norm_groups, config.frame_positions
+        )
         self.down_blocks = nn.ModuleList(self._down_blocks(config))
         self.mid_block = MidBlock3D(widths[-1], config)
         self.up_blocks = nn.ModuleList(self._up_blocks(config))

@@ -149,16 +149,28 @@ class SpatialTransformer(nn.Module):
         return x + tokens.reshape(n, h, w, c).permute(0, 3, 1, 2)  # [N,(H W),C] -> [N,C,H,W]
 
 
+def frame_embedding(frames: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[frames, width]``: sin in the first half, cos in the second, at frequencies ``10000 ** (-k / half)``."""
+    half = width // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / max(half, 1))
+    angles = torch.arange(frames, dtype=torch.float32, device=device)[:, None] * freqs[None]
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(table, (0, width - 2 * half)).to(dtype)
+
+
 class TemporalTransformer(nn.Module):
     """Transformer along the frame axis, one sequence of F tokens per (video, pixel).
 
-    Both attentions are self-attention over frames and there is no positional embedding: the temporal convs are
-    the only source of frame order. The GroupNorm sees the 5-D tensor (statistics pooled over frames).
+    Both attentions are self-attention over frames. In the published model there is no positional embedding: the
+    temporal convs are the only source of frame order. With ``positions``, a fixed sinusoidal embedding of the
+    frame index (Vaswani et al. 2017, as AnimateDiff's motion modules add one) is added after ``proj_in``; it has no
+    weights, so the state dict is the same. The GroupNorm sees the 5-D tensor (statistics pooled over frames).
     """
 
-    def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
+    def __init__(self, channels: int, heads: int, head_dim: int, groups: int, positions: bool = False):
         super().__init__()
         inner = heads * head_dim
+        self.positions = positions
         self.norm = GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, head_dim)])
@@ -169,6 +181,8 @@ class TemporalTransformer(nn.Module):
         b, c, f, h, w = video.shape
         seq = video.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # [B,C,F,H,W] -> [(B H W),F,C]
         seq = self.proj_in(seq)
+        if self.positions:
+            seq = seq + frame_embedding(f, seq.shape[-1], seq.device, seq.dtype)
         for block in self.transformer_blocks:
             seq = block(seq)
         seq = self.proj_out(seq)
@@ -196,7 +210,8 @@ class _LayerStack(nn.Module):
                 for _ in range(attention_layers)
             )
             self.temp_attentions = nn.ModuleList(
-                TemporalTransformer(out_ch, heads, head_dim, groups) for _ in range(attention_layers)
+                TemporalTransformer(out_ch, heads, head_dim, groups, config.frame_positions)
+                for _ in range(attention_layers)
             )
 
     def _resnet(self, i: int, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:

@@ -105,6 +105,20 @@ class Inputs:
             raise
         return name
 
+    def sweep(self, keep: set[str]) -> int:
+        """Remove the uploads no job refers to and half-written temporary files: what a crash between saving an
+        upload and queueing its job leaves. Run at start, before any request. Returns the number removed."""
+        removed = 0
+        for path in self.folder.iterdir():
+            if (
+                path.is_file()
+                and path.name not in keep
+                and (path.name.startswith(".tmp-") or UPLOAD_PATTERN.fullmatch(path.name))
+            ):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def path(self, name: str) -> Path:
         if not UPLOAD_PATTERN.fullmatch(name):
             raise ValueError(f"not an upload: {name!r}")

@@ -54,6 +54,9 @@ class Service:
             if settings.lora_dir is not None and not settings.lora_dir.is_dir():
                 raise CinematicError(f"the LoRA folder {settings.lora_dir} is not a folder")
             self.inputs = Inputs(settings.data / "uploads", settings.lora_dir)
+            orphans = self.inputs.sweep(self.store.upload_names())
+            if orphans:
+                log.warning("removed %d upload(s) that no job refers to (left by a stopped server)", orphans)
             self.generation = Histogram()
             devices = settings.devices or _default_devices()
             self.workers = [

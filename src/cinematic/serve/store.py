@@ -309,6 +309,12 @@ class Store:
     def completed_ids(self) -> set[str]:
         return {row[0] for row in self._query("SELECT id FROM jobs WHERE status = 'completed'")}
 
+    def upload_names(self) -> set[str]:
+        """The uploads that jobs still refer to (a job's upload goes when the job is deleted)."""
+        rows = self._query("SELECT params FROM jobs WHERE status != ?", (_DELETED,))
+        params = [json.loads(row[0]) for row in rows]
+        return {p[field] for p in params for field in ("init_video", "init_image") if p.get(field)}
+
 
 _COLUMNS = "id, status, params, created_at, started_at, completed_at, error, attempts, seconds"
 

@@ -185,7 +185,7 @@ class Trainer:
             self.ema.load_state_dict(run.state["ema"])
         self.tokenizer_dir = model.tokenizer.save(c.out / "tokenizer")
         self.precision = c.precision or ("bf16" if run.device.type == "cuda" else "fp32")
-        self.alpha_bar = _alpha_bar(model)
+        self.alpha_bar = model.config.schedule.alpha_bar()
         self._preview: list[dict[str, Any]] | None = None
         self.sample_fn = sample_fn if sample_fn is not None or not c.sample_every else self._default_sampler()
 
@@ -347,13 +347,6 @@ def _own_storage(model: Model) -> None:
         for name in COMPONENTS:
             for tensor in [*getattr(model, name).parameters(), *getattr(model, name).buffers()]:
                 tensor.data = tensor.data.clone()
-
-
-def _alpha_bar(model: Model) -> torch.Tensor:
-    from cinematic.diffusion.schedule import alpha_bar_scaled_linear
-
-    s = model.config.schedule
-    return alpha_bar_scaled_linear(s.beta_start, s.beta_end, s.num_train_timesteps)
 
 
 def _first_captions(dataset: VideoDataset, count: int) -> tuple[str, ...]:

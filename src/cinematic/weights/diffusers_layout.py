@@ -62,11 +62,10 @@ _SCHEDULE_FIXED = {
     "beta_schedule": "scaled_linear",
     "thresholding": False,
     "clip_sample": False,
-    "rescale_betas_zero_snr": False,
     "trained_betas": None,
 }
 _SCHEDULE_IGNORED = {
-    "_class_name", "_diffusers_version", "set_alpha_to_one", "steps_offset", "skip_prk_steps", "timestep_spacing",
+    "_class_name", "_diffusers_version", "set_alpha_to_one", "steps_offset", "skip_prk_steps",
     "clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "solver_type",
     "algorithm_type", "lower_order_final", "use_karras_sigmas", "interpolation_type", "final_sigmas_type",
     "euler_at_final", "variance_type", "lambda_min_clipped", "use_lu_lambdas", "use_exponential_sigmas",
@@ -153,13 +152,24 @@ def parse_vae_config(config: dict[str, Any], where: Path) -> VAEConfig:
 
 
 def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig:
-    used = {"beta_start", "beta_end", "num_train_timesteps", "prediction_type"}
+    """The training schedule of a diffusers scheduler config. Its ``timestep_spacing`` counts only when it is
+    ``"trailing"``; any other value keeps each sampler's own spacing, as the published configs are run."""
+    used = {
+        "beta_start",
+        "beta_end",
+        "num_train_timesteps",
+        "prediction_type",
+        "rescale_betas_zero_snr",
+        "timestep_spacing",
+    }
     _check_keys(config, used, _SCHEDULE_FIXED, _SCHEDULE_IGNORED, where)
     return ScheduleConfig(
         beta_start=config.get("beta_start", 0.00085),
         beta_end=config.get("beta_end", 0.012),
         num_train_timesteps=config.get("num_train_timesteps", 1000),
         prediction_type=config.get("prediction_type", "epsilon"),
+        zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
+        timestep_spacing="trailing" if config.get("timestep_spacing") == "trailing" else "default",
     )
 
 

@@ -46,6 +46,12 @@ function settingsText(job) {
   const parts = [`seed ${job.seed}`, job.size, `${job.frames} frames at ${job.fps} fps`, `${job.steps} steps`,
     `guidance ${job.guidance}`, job.sampler];
   if (job.negative_prompt) parts.push(`not: ${job.negative_prompt}`);
+  if (job.init_video) parts.push(`from a video, strength ${job.strength}`);
+  if (job.init_image) parts.push("from a picture");
+  if (job.loop) parts.push("loop");
+  if (job.freeu) parts.push("FreeU");
+  if (job.freeinit) parts.push(`FreeInit ×${job.freeinit}`);
+  for (const lora of job.loras || []) parts.push(`LoRA ${lora.name} ×${lora.scale}`);
   return parts.join(" · ");
 }
 
@@ -82,7 +88,7 @@ function render(job) {
   const status = card.querySelector(".status");
   status.textContent = statusText(job);
   status.className = `status ${job.status}`;
-  card.querySelector(".prompt").textContent = job.prompt;
+  card.querySelector(".prompt").textContent = job.prompt_schedule || job.prompt;
   card.querySelector(".settings").textContent = settingsText(job);
   card.querySelector(".placeholder").textContent = ACTIVE.has(job.status) ? `${job.progress}%` : job.status;
   card.querySelector(".remove").textContent = ACTIVE.has(job.status) ? "Cancel" : "Delete";
@@ -144,14 +150,37 @@ async function loadPage() {
   $("#more").hidden = !page.has_more;
 }
 
-function formBody(form) {
+const INTEGERS = new Set(["frames", "steps", "seed", "window", "window_stride", "freeinit"]);
+const NUMBERS = new Set(["guidance", "strength"]);
+const CHECKS = new Set(["loop", "freeu"]);
+
+// A picked file as a data: URL, which the server takes in place of base64.
+const dataUrl = (file) => new Promise((resolve, reject) => {
+  const reader = new FileReader();
+  reader.onload = () => resolve(reader.result);
+  reader.onerror = () => reject(new ApiError(`cannot read ${file.name}`));
+  reader.readAsDataURL(file);
+});
+
+async function formBody(form) {
   const body = {};
   for (const [name, value] of new FormData(form)) {
+    if (value instanceof File) {
+      if (value.size) body[name] = await dataUrl(value);
+      continue;
+    }
     const text = String(value).trim();
-    if (!text) continue;
-    body[name] = ["frames", "steps", "seed"].includes(name) ? Number.parseInt(text, 10)
-      : name === "guidance" ? Number.parseFloat(text) : text;
+    if (!text || name === "lora_scale") continue;
+    if (name === "lora") {
+      const scale = Number.parseFloat(form.lora_scale.value);
+      body.loras = [{ name: text, scale: Number.isFinite(scale) ? scale : 1.0 }];
+    } else if (CHECKS.has(name)) {
+      body[name] = true;
+    } else {
+      body[name] = INTEGERS.has(name) ? Number.parseInt(text, 10) : NUMBERS.has(name) ? Number.parseFloat(text) : text;
+    }
   }
+  if (body.prompt_schedule) delete body.prompt; // the schedule names every prompt
   return body;
 }
 
@@ -160,10 +189,12 @@ async function submit(event) {
   const error = $("#form-error");
   error.textContent = "";
   try {
+    const body = await formBody(event.target);
+    if (!body.prompt && !body.prompt_schedule) throw new ApiError("write a prompt (or a prompt schedule)");
     const response = await api("/v1/videos", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(formBody(event.target)),
+      body: JSON.stringify(body),
     });
     const job = await response.json();
     $("#jobs").prepend(newCard(job));
@@ -195,6 +226,8 @@ async function start() {
   form.guidance.placeholder = d.guidance;
   form.prompt.maxLength = health.limits.max_prompt;
   for (const name of health.samplers) form.sampler.add(new Option(name, name, false, name === d.sampler));
+  for (const name of health.loras || []) form.lora.add(new Option(name, name));
+  form.lora.disabled = !(health.loras || []).length;
   $("#server").textContent = `model ${health.model} · ${health.workers.map((w) => w.device).join(", ")}`;
   form.addEventListener("submit", submit);
   $("#more").addEventListener("click", () => loadPage().catch(() => {}));
