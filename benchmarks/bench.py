@@ -50,13 +50,14 @@ SETTINGS = {
 # cinematic's cases: label -> settings read by _bench_cases.cinematic_generation
 CINEMATIC_MODES = {
     "default": {},
+    "--dtype fp16 --compute fp32": {"storage": "float16"},
     "--low-memory --dtype fp16 --compute fp32": {"storage": "float16", "low_memory": True},
     "--cache-interval 3": {"cache_interval": 3},
     "one conditional pass (a truncated step)": {"guidance": 1.0},
     "--int8": {"int8": True},
 }
 # --modes names for them
-MODE_NAMES = dict(zip(["default", "low-memory", "cache", "truncated", "int8"], CINEMATIC_MODES, strict=True))
+MODE_NAMES = dict(zip(["default", "fp16", "low-memory", "cache", "truncated", "int8"], CINEMATIC_MODES, strict=True))
 PEERS = {
     "diffusers": "TextToVideoSDPipeline 0.42, batched guidance",
     "modelscope": "UNetSD + ddim_sample_loop, 2 passes/step",
@@ -145,6 +146,7 @@ class Runner:
         """cinematic's modes that apply: fp16 storage only under fp32 compute, int8 only on the CPU in fp32."""
         labels = list(CINEMATIC_MODES)
         if self.args.dtype != "fp32":
+            labels.remove("--dtype fp16 --compute fp32")
             labels.remove("--low-memory --dtype fp16 --compute fp32")
         if self.args.dtype != "fp32" or self.args.device != "cpu":
             labels.remove("--int8")
@@ -302,6 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         choices=["cinematic", "diffusers", "modelscope"])  # fmt: skip
     parser.add_argument("--modes", nargs="+", choices=list(MODE_NAMES), help="cinematic's modes to run (default all)")
     parser.add_argument("--no-loads", action="store_true", help="skip the load-time table")
+    parser.add_argument("--no-generations", action="store_true", help="skip the generations (loads only)")
     parser.add_argument("--quality", action="store_true", help="also measure each fast mode's error (whole runs)")
     parser.add_argument("--quality-steps", type=int, default=25, help="DPM-Solver++ steps of --quality (default 25)")
     parser.add_argument("--reference-steps", type=int, default=50, help="DDIM steps of --quality's reference")
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  {args.dtype} matmul peak: {_fmt(peak, '.1f')} GFLOP/s", flush=True)
     loads = [] if args.no_loads else runner.loads()
     context = args.workdir / f"context-{args.preset}.pt"
-    generations = runner.generations(setting, context)
+    generations = [] if args.no_generations else runner.generations(setting, context)
     rows = estimates(generations)
     quality = judge = None
     if args.quality:
@@ -361,13 +364,15 @@ def main(argv: list[str] | None = None) -> None:
     timed = args.timed or setting.timed
     print(f"\n{setting.frames} frames at {setting.size}x{setting.size}, guidance 9, compute {args.dtype}; s/step: "
           f"median of {timed} after 1 warm-up (cycles of 3 steps for --cache-interval 3)\n")  # fmt: skip
-    print(generation_table(generations, peak))
+    if generations:
+        print(generation_table(generations, peak))
     if loads:
         repeats = args.load_repeats
         print(f"\nload (each in a fresh process, median of {repeats} after a warm-up, weights in {args.dtype})\n")
         print(load_table(loads))
-    print("\nwhole video from the measured costs (load excluded)\n")
-    print(estimate_table(rows))
+    if rows:
+        print("\nwhole video from the measured costs (load excluded)\n")
+        print(estimate_table(rows))
     if quality and "modes" in quality:
         print(f"\nquality on this preset's model, {setting.frames} frames at {setting.size}x{setting.size}\n")
         print(quality_table(quality))

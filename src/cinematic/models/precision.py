@@ -65,11 +65,18 @@ def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     in ``dtype`` are left alone. The state-dict keys of a cast parameter gain ``parametrizations.<name>.original``;
     this is a mode for inference, not for saving. (cinematic's networks have no floating buffers to cast.)
 
-    On the CPU the casts are written into one :class:`CastArena` per module instead of fresh memory.
+    On the CPU the casts are written into one :class:`CastArena` per module instead of fresh memory. Embedding
+    tables are not cast whole: an ``nn.Embedding`` looks its rows up in the stored table and casts what it returns
+    (the text encoder's 49408 x 1024 token table would otherwise be cast at every call, and size the arena).
     """
+    for sub in module.modules():
+        if isinstance(sub, nn.Embedding) and sub.weight.is_floating_point() and sub.weight.dtype != dtype:
+            sub.weight.requires_grad_(False)
+            sub.register_forward_hook(lambda _module, _args, out: out.to(dtype))
     cast = [
         (sub, name, param)
         for sub in module.modules()
+        if not isinstance(sub, nn.Embedding)
         for name, param in sub.named_parameters(recurse=False)
         if param.is_floating_point() and param.dtype != dtype
     ]

@@ -52,8 +52,9 @@ class TextEmbeddings(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # Positions are read straight from the weight: no position_ids buffer, which transformers keeps
         # out of its state dict anyway.
+        embedded = self.token_embedding(tokens)
         positions = self.position_embedding.weight[: tokens.shape[1]]  # [L, width]
-        return self.token_embedding(tokens) + positions
+        return embedded + positions.to(embedded.dtype)
 
 
 class SelfAttention(nn.Module):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import pickle
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -83,15 +85,22 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> StateDict:
 
 
 def _map_file(f) -> torch.Tensor:
-    """The whole open file as a uint8 tensor over a private (copy-on-write) memory map, prefaulted in one call
-    (``MAP_POPULATE``) where the platform has it. Tensors viewing it keep the map alive; writing to one (merging a
-    LoRA) copies the pages it touches and never changes the file."""
+    """The whole open file as a uint8 tensor over a private (copy-on-write) memory map. Tensors viewing it keep the
+    map alive; writing to one (merging a LoRA) copies the pages it touches and never changes the file.
+
+    On Linux the page tables are filled for reading in one call (``MADV_POPULATE_READ``, Linux 5.14): the pages are
+    those of the page cache, shared, not copies. (``MAP_POPULATE`` would write-fault a private writable map, copying
+    every page.)"""
     if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: copy-on-write through the access mode
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    else:
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):  # an older kernel: pages then fault in on first use
+            mapping.madvise(getattr(mmap, "MADV_POPULATE_READ", _MADV_POPULATE_READ))
     return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module names it from 3.13 on
 
 
 def read_torch(path: Path) -> StateDict:
