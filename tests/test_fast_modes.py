@@ -214,12 +214,17 @@ def test_truncation_and_caching_together(pipe):
 # --- precision and memory -----------------------------------------------------------------------------------------
 
 
-def test_fp16_storage_with_fp32_compute_equals_the_fp32_run_on_the_same_weights(unet):
+def fp16_stored(unet: UNet3D) -> tuple[UNet3D, UNet3D]:
+    """``unet``'s weights rounded to fp16: as an fp32 network, and stored in fp16 computing in fp32."""
     rounded = UNet3D(UNET_TINY).eval()
     rounded.load_state_dict({k: v.half().float() for k, v in unet.state_dict().items()})
     stored = UNet3D(UNET_TINY).half().eval()
     stored.load_state_dict(rounded.state_dict())
-    compute_in(stored, torch.float32)
+    return rounded, compute_in(stored, torch.float32)
+
+
+def test_fp16_storage_with_fp32_compute_equals_the_fp32_run_on_the_same_weights(unet):
+    rounded, stored = fp16_stored(unet)
     assert storage_dtype(stored) == torch.float16
     assert all(p.dtype == torch.float16 for p in stored.parameters())
     assert stored.conv_in.weight.dtype == torch.float32  # what the layer computes with
@@ -232,11 +237,7 @@ def test_fp16_storage_with_fp32_compute_equals_the_fp32_run_on_the_same_weights(
 
 
 def test_casts_go_to_one_arena_and_survive_the_layer_that_reads_them(unet):
-    rounded = UNet3D(UNET_TINY).eval()
-    rounded.load_state_dict({k: v.half().float() for k, v in unet.state_dict().items()})
-    stored = UNet3D(UNET_TINY).half().eval()
-    stored.load_state_dict(unet.state_dict())
-    compute_in(stored, torch.float32)
+    rounded, stored = fp16_stored(unet)
     arena = stored.conv_in.parametrizations.weight[0].arena
     largest = max(p.numel() for p in stored.parameters())
     assert arena.buffer.numel() == largest + (1 << 20) and arena.buffer.dtype == torch.float32
