@@ -155,6 +155,7 @@ def cinematic_generation(spec: dict[str, Any]) -> None:
             dtype=getattr(torch, mode.get("storage", spec["dtype"])),
             compute_dtype=getattr(torch, spec["dtype"]),
             int8=mode.get("int8", False),
+            winograd=mode.get("winograd", True),
         ),
         device,
     )

@@ -55,9 +55,12 @@ CINEMATIC_MODES = {
     "--cache-interval 3": {"cache_interval": 3},
     "one conditional pass (a truncated step)": {"guidance": 1.0},
     "--int8": {"int8": True},
+    "--no-winograd": {"winograd": False},
 }
 # --modes names for them
-MODE_NAMES = dict(zip(["default", "fp16", "low-memory", "cache", "truncated", "int8"], CINEMATIC_MODES, strict=True))
+MODE_NAMES = dict(
+    zip(["default", "fp16", "low-memory", "cache", "truncated", "int8", "no-winograd"], CINEMATIC_MODES, strict=True)
+)
 PEERS = {
     "diffusers": "TextToVideoSDPipeline 0.42, batched guidance",
     "modelscope": "UNetSD + ddim_sample_loop, 2 passes/step",
@@ -150,6 +153,7 @@ class Runner:
             labels.remove("--low-memory --dtype fp16 --compute fp32")
         if self.args.dtype != "fp32" or self.args.device != "cpu":
             labels.remove("--int8")
+            labels.remove("--no-winograd")
         if self.args.modes:  # the default mode always runs: it writes the peers' prompt features
             wanted = {MODE_NAMES[name] for name in self.args.modes} | {MODE_NAMES["default"]}
             labels = [label for label in labels if label in wanted]

@@ -127,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         compute_dtype=getattr(torch, DTYPES[compute]),
         int8=args.int8,
+        winograd=not args.no_winograd,
         loras=loras,
         merge_loras=args.lora_merge,
     )
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop the unconditional pass from this fraction of sampling on, e.g. 0.8 (default 1: never)",
     )  # fmt: skip
     fast.add_argument("--int8", action="store_true", help="int8 Linear layers in the UNet (CPU, fp32 compute)")
+    fast.add_argument(
+        "--no-winograd", action="store_true",
+        help="PyTorch's own 3x3 convolutions instead of Winograd's (CPU, fp32 compute; same results to fp32 rounding)",
+    )  # fmt: skip
     start = gen.add_argument_group("starting from pictures; FreeU and FreeInit")
     start.add_argument("--init-video", metavar="CLIP", help="video-to-video: restyle or upscale this clip")
     start.add_argument(

@@ -147,13 +147,16 @@ class Pipeline:
         int8: bool = False,
         loras: Sequence[tuple[str | Path, float]] = (),
         merge_loras: bool = False,
+        winograd: bool = True,
     ) -> Pipeline:
         """Load any path, bundled name or hub id that :func:`cinematic.weights.load` takes.
 
         ``dtype`` is what the weights are stored in; ``compute_dtype`` (default: ``dtype``) what the networks compute
         in. ``dtype=torch.float16, compute_dtype=torch.float32`` halves the weights' memory on CPUs without fast
         half precision and, from fp16 files, gives the fp32 results. ``int8`` quantizes the UNet's Linear layers
-        (CPU, fp32 compute only).
+        (CPU, fp32 compute only). ``winograd`` runs the large 3x3 convolutions of the UNet and VAE with
+        Winograd's F(2x2, 3x3) on the CPU in fp32 (:mod:`cinematic.models.winograd`: fewer multiplications, fp32-level
+        differences); ``False`` keeps PyTorch's own convolution everywhere.
         """
         from cinematic.weights import load
 
@@ -170,6 +173,11 @@ class Pipeline:
             from cinematic.models.precision import quantize_int8
 
             quantize_int8(loaded.unet)
+        if winograd and torch.device(device).type == "cpu" and compute_dtype == torch.float32:
+            from cinematic.models import winograd as fast_conv
+
+            for network in (loaded.unet, loaded.vae):
+                fast_conv.enable(network)
         pipe = cls(loaded, device, compute_dtype)
         pipe._reload_text_encoder = lambda: _load_text_encoder(model, device, dtype, compute_dtype, variant)
         for path, scale in loras:  # LoRA adapters, e.g. [("purple-lora", 1.0)]: see load_lora

@@ -1,0 +1,150 @@
+"""Winograd F(2x2, 3x3) convolution for 3x3, stride-1, padding-1 layers at inference on the CPU.
+
+A 3x3 convolution computes each 2x2 block of outputs from a 4x4 block of inputs with 36 multiplications per
+(input channel, output channel) pair; Winograd's minimal filtering algorithm (Lavin & Gray 2016, "Fast Algorithms
+for Convolutional Neural Networks") does it with 16, after linear transforms of the input block (``B^T d B``) and of
+the filter (``G g G^T``) that need only additions and halvings, and before an output transform (``A^T m A``). The
+16 multiplications per block become 16 independent matrix products ``[tiles, C] x [C, K]``, which is where the time
+goes, at 16/36 = 0.44 of the direct convolution's multiply-adds.
+
+The transforms are sums and differences of strided views of a channels-last copy of the input; frames are processed
+in chunks small enough for the transformed tiles to stay in the caches (and the extra memory small whatever the video
+length). The filter transform is redone at every call (a few percent of the products' time at 16 frames): kept,
+it would add 16/9 of every convolution's weights to the model's memory.
+
+fp32 error is that of a direct convolution times a small constant (the transforms' entries are 0, +-1 and +-1/2);
+``tests/test_winograd.py`` compares both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] (applied as _BT_ROWS below),
+# A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] (written out in conv3x3), and G:
+_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+
+# Elements of transformed input tiles (16 x tiles x channels) processed at once: ~20 MB, so that a chunk's
+# transforms and products stay in the caches. Measured on a 2-core EPYC (AVX2), 16 frames with guidance (32 images
+# per call), against PyTorch's (oneDNN) direct convolution: 0.5-0.75x of its time for the UNet's layers (320
+# channels at 32x32 to 1280 at 4x4, concatenated decoder inputs included); chunks 4x larger were 10-35% slower.
+CHUNK_ELEMENTS = 5 * 2**20
+
+# Where the transforms pay, measured as above (16 frames, guidance): from 256 channels on (0.5x at 512 channels
+# 32x32, 0.81x at 256 channels 128x128); at 128 channels Winograd broke even at 64x64 and took 1.6x the time at
+# 256x256, and at 32-64 channels (the shapes model) 2.6-6x. Layers narrower than MIN_CHANNELS stay direct, as do
+# calls with fewer than MIN_MACS multiply-adds.
+MIN_CHANNELS = 256
+MIN_MACS = 10**8
+
+# Rows of B^T (and A^T) as (first, sign, second) index pairs: row r of B^T d is d[first] + sign * d[second].
+_BT_ROWS = ((0, -1, 2), (1, 1, 2), (2, -1, 1), (1, -1, 3))
+
+
+def transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``G g G^T`` of every 3x3 filter: ``[K, C, 3, 3]`` -> ``[16, K, C]``, as one product ``[16, 9] x [9, K*C]``
+    that writes the result in the layout the tile products read."""
+    k, c = weight.shape[:2]
+    g = _G.to(weight.device, weight.dtype)
+    t = torch.einsum("ai,bj->abij", g, g).reshape(16, 9)
+    return (t @ weight.reshape(k * c, 9).T).reshape(16, k, c)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for ``x: [N, C, H, W]`` and ``weight: [K, C, 3, 3]``, contiguous."""
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles; an odd size gets one extra row/column, cut at the end
+    u = transform_weight(weight).transpose(1, 2)  # [16, C, K]
+    # Channels last, so that every tile element below is a strided view with contiguous channels.
+    padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h)).permute(0, 2, 3, 1).contiguous()  # [N, H', W', C]
+    out = torch.empty((n, 2 * th, 2 * tw, k), dtype=x.dtype, device=x.device)
+    chunk = max(1, min(n, CHUNK_ELEMENTS // (16 * th * tw * max(c, k))))
+    rows = torch.empty((4, chunk, th, tw, c), dtype=x.dtype, device=x.device)
+    v = torch.empty((4, 4, chunk, th, tw, c), dtype=x.dtype, device=x.device)
+    prod = torch.empty((16, chunk * th * tw, k), dtype=x.dtype, device=x.device)
+    half = torch.empty((2, 4, chunk, th, tw, k), dtype=x.dtype, device=x.device)
+    for first in range(0, n, chunk):
+        part = padded[first : first + chunk]
+        m = part.shape[0]
+        d = [[part[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]  # [m, th, tw, C]
+        # V = B^T d B: rows of B^T combine the tile's rows, then its columns.
+        for a, (i0, sign_i, i1) in enumerate(_BT_ROWS):
+            for j in range(4):
+                torch.add(d[i0][j], d[i1][j], alpha=sign_i, out=rows[j, :m])
+            for b, (j0, sign_j, j1) in enumerate(_BT_ROWS):
+                torch.add(rows[j0, :m], rows[j1, :m], alpha=sign_j, out=v[a, b, :m])
+        tiles = prod[:, : m * th * tw]
+        torch.bmm(v[:, :, :m].reshape(16, m * th * tw, c), u, out=tiles)  # the 16 products [tiles, C] x [C, K]
+        # Y = A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: first over the tile's rows, then its columns.
+        mm = tiles.view(4, 4, m, th, tw, k)
+        torch.add(mm[0] + mm[1], mm[2], out=half[0, :, :m])
+        torch.sub(mm[1] - mm[2], mm[3], out=half[1, :, :m])
+        y = out[first : first + m]
+        for p in range(2):
+            hp = half[p, :, :m]
+            torch.add(hp[0] + hp[1], hp[2], out=y[:, p::2, 0::2])
+            torch.sub(hp[1] - hp[2], hp[3], out=y[:, p::2, 1::2])
+    result = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device)
+    cropped = out[:, :h, :w].permute(0, 3, 1, 2)
+    if bias is None:
+        result.copy_(cropped)
+    else:
+        torch.add(cropped, bias.view(1, k, 1, 1), out=result)
+    return result
+
+
+def eligible(conv: nn.Module, min_channels: int | None = None) -> bool:
+    """A 3x3, stride-1, padding-1, dense Conv2d wide enough for the transforms to pay off."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and type(conv).forward is nn.Conv2d.forward  # not a subclass with its own computation
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and min(conv.in_channels, conv.out_channels) >= (MIN_CHANNELS if min_channels is None else min_channels)
+    )
+
+
+def worth_it(x: torch.Tensor, out_channels: int) -> bool:
+    """Whether a call is large enough for the transforms' fixed costs to pay: at least :data:`MIN_MACS`
+    multiply-adds in the direct convolution."""
+    n, c, h, w = x.shape
+    return n * c * h * w * out_channels * 9 >= MIN_MACS
+
+
+def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a convolution that :func:`enable` switched: Winograd for large fp32 CPU inference calls, the
+    class's own forward otherwise (training, autograd, other devices and dtypes, small calls)."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and not torch.is_grad_enabled()
+        and worth_it(x, self.out_channels)
+    ):
+        return conv3x3(x, self.weight, self.bias)
+    return type(self).forward(self, x)
+
+
+def enable(module: nn.Module, min_channels: int | None = None) -> int:
+    """Switch every eligible 3x3 convolution in ``module`` to Winograd (an instance attribute ``forward``; the
+    parameters, their names and the class stay as they are, so weight loading, LoRA and ``compute_in`` are
+    unaffected). Returns how many were switched."""
+    count = 0
+    for conv in module.modules():
+        if eligible(conv, min_channels):
+            conv.forward = _forward.__get__(conv)
+            count += 1
+    return count
+
+
+def disable(module: nn.Module) -> None:
+    for conv in module.modules():
+        if "forward" in conv.__dict__ and getattr(conv.forward, "__func__", None) is _forward:
+            del conv.forward
