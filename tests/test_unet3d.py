@@ -223,3 +223,33 @@ def test_frame_positions_give_temporal_attention_the_frame_order():
     full = UNet3D(dataclasses.replace(UNET_TINY, frame_positions=True))
     assert full.state_dict().keys() == UNet3D(UNET_TINY).state_dict().keys()
     assert all(t.positions for t in full.modules() if isinstance(t, TemporalTransformer))
+
+
+def test_coordinate_planes_tell_the_unet_where_each_pixel_is():
+    from cinematic.models.components import ModelConfig
+    from cinematic.models.unet3d import coordinate_planes
+
+    x = torch.randn(2, 4, 3, 5, 4)
+    planes = coordinate_planes(x)
+    assert planes.shape == (2, 3, 3, 5, 4)
+    torch.testing.assert_close(planes[1, 0, 2, 4], torch.linspace(-1, 1, 4))  # x along a row
+    torch.testing.assert_close(planes[0, 1, 1, :, 3], torch.linspace(-1, 1, 5))  # y down a column
+    torch.testing.assert_close(planes[0, 2, :, 2, 2], torch.linspace(-1, 1, 3))  # frame position
+    assert torch.equal(coordinate_planes(torch.randn(1, 4, 1, 1, 1)), torch.zeros(1, 3, 1, 1, 1))
+
+    config = dataclasses.replace(UNET_TINY, coordinates=True)
+    stored = ModelConfig().to_dict()
+    stored["unet"] = {**stored["unet"], "coordinates": True}  # as model.json holds it
+    assert ModelConfig.from_dict(stored).unet.coordinates
+    torch.manual_seed(0)
+    plain, placed = randomize_(UNet3D(UNET_TINY)).eval(), UNet3D(config).eval()
+    state = plain.state_dict()
+    # The planes are three more input channels of conv_in and nothing else: with their weights at 0 the UNet is the
+    # plain one, with any other weights its output moves.
+    widened = torch.cat([state["conv_in.weight"], torch.zeros(16, 3, 3, 3)], dim=1)
+    placed.load_state_dict({**state, "conv_in.weight": widened})
+    x, t, context = inputs(UNET_TINY, 2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x, t, context), plain(x, t, context), rtol=0, atol=0)
+        placed.conv_in.weight[:, 4:] = 0.1
+        assert not torch.allclose(placed(x, t, context), plain(x, t, context), atol=1e-3)

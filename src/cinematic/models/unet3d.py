@@ -59,6 +59,11 @@ class UNet3DConfig:
     # Sinusoidal frame positions in every temporal transformer. Not in the published model (whose frame order comes
     # from the temporal convolutions alone); the small shapes model needs them to tie a direction word to motion.
     frame_positions: bool = False
+    # Coordinate planes (CoordConv, Liu et al. 2018): each latent pixel's x, y and frame position, in [-1, 1],
+    # concatenated to the input of conv_in. Not in the published model either. Convolutions cannot tell where in the
+    # frame they are (but for the zero padding at the border), so a clip's mean layout, such as "moving right starts
+    # on the left", is out of their reach; with these planes it is a plain function of the input.
+    coordinates: bool = False
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -108,7 +113,7 @@ class UNet3D(nn.Module):
         self.gradient_checkpointing = False
         widths = [level.channels for level in config.levels]
         c0 = widths[0]
-        self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels + (3 if config.coordinates else 0), c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
         self.transformer_in = TemporalTransformer(
             c0, config.transformer_in_heads, config.head_dim, config.norm_groups, config.frame_positions
@@ -168,6 +173,8 @@ class UNet3D(nn.Module):
         temb = self.embed_time(t, b, x.device).repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
         context_f = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
 
+        if self.config.coordinates:
+            x = torch.cat([x, coordinate_planes(x)], dim=1)
         h = self.conv_in(fold_frames(x))  # [B,C,F,H,W] -> [(B F),C,H,W]
         h = self.transformer_in(h, frames)
         skips = [h]
@@ -192,3 +199,15 @@ class UNet3D(nn.Module):
 
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
         return unfold_frames(h, frames)  # [(B F),C,H,W] -> [B,C,F,H,W]
+
+
+def coordinate_planes(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, F, H, W]`` planes of x (column), y (row) and frame position, each from -1 to 1 across ``x``'s
+    extent (0 where the extent is one), in ``x``'s dtype."""
+    b, _, frames, h, w = x.shape
+
+    def axis(n: int) -> torch.Tensor:
+        return torch.linspace(-1.0, 1.0, n, device=x.device) if n > 1 else torch.zeros(1, device=x.device)
+
+    f, r, c = torch.meshgrid(axis(frames), axis(h), axis(w), indexing="ij")
+    return torch.stack([c, r, f]).to(x.dtype).expand(b, 3, frames, h, w)

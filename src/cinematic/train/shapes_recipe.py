@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cinematic.models.components import Defaults, ModelConfig
+import numpy as np
+
+from cinematic.models.components import Defaults, ModelConfig, ScheduleConfig
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig, UNetLevel
 from cinematic.models.vae import VAEConfig
@@ -30,7 +32,7 @@ from cinematic.models.vae import VAEConfig
 REPO = Path(__file__).resolve().parents[3]
 DEST = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 WORK = REPO / "build" / "shapes-recipe"
-THREADS = 1
+THREADS = 2
 
 MODEL = ModelConfig(
     unet=UNet3DConfig(
@@ -40,26 +42,35 @@ MODEL = ModelConfig(
         cross_attention_dim=64,
         norm_groups=8,
         transformer_in_heads=1,
+        frame_positions=True,  # temporal attention knows frame order (no weights; off in the published model)
+        coordinates=True,  # x, y and frame planes into conv_in: where an object should be is a function of them
     ),
-    # CLIP's 77 positions, although five-word captions need 7: loaders build the tokenizer at 77 positions.
-    text_encoder=TextEncoderConfig(vocab_size=600, context_length=77, width=64, layers=2, heads=2, mlp_width=256),
+    # 8 positions: a five-word caption is 7 tokens with its start and end marks. At CLIP's 77, the 70 pad positions
+    # carried the colour word almost alone and drowned the others (docs/shapes.md, session 4).
+    text_encoder=TextEncoderConfig(vocab_size=600, context_length=8, width=64, layers=2, heads=2, mlp_width=256),
     vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_groups=8, latent_channels=4),
+    # v-prediction on a zero terminal SNR schedule, sampled on trailing timesteps: the first sampling step sees pure
+    # noise, as training's t = 999 does, so where the object is and which way it goes must come from the caption.
+    schedule=ScheduleConfig(prediction_type="v_prediction", zero_terminal_snr=True, timestep_spacing="trailing"),
     defaults=Defaults(frames=16, height=32, width=32, fps=8),
 )
 
 # Per-stage TrainConfig fields; everything not named keeps TrainConfig's default. Three runs: the VAE from scratch,
-# the UNet and text encoder from scratch on its frozen latents, then the VAE's decoder alone (the latents the UNet
-# learned stay exactly as they were). The third run is there because the first, at this length, decodes red and
-# yellow objects alike (its latents tell them apart, its decoder does not yet use that); it writes the final model.
+# the UNet on its frozen latents, then the VAE's decoder alone (the latents the UNet learned stay exactly as they
+# were). The third run is there because the first, at this length, decodes red and yellow objects alike (its latents
+# tell them apart, its decoder does not yet use that); it writes the final model.
+# The text encoder stays at its random init ("parts": "unet"): trained jointly from scratch, it spent the direction
+# word's features on the shape and the UNet never learned direction; frozen, "left" and "right" stay far apart.
 STAGES: dict[str, dict[str, Any]] = {
     "vae": {"steps": 1800, "batch_size": 2, "lr": 1.5e-3, "warmup_steps": 50, "ema_decay": 0.995, "save_dtype": "fp32"},
     "unet": {
-        "steps": 1600,
+        "steps": 3200,
         "batch_size": 8,
         "lr": 1e-3,
         "warmup_steps": 100,
         "ema_decay": 0.998,
         "caption_dropout": 0.1,
+        "parts": "unet",
         "save_dtype": "fp32",
     },
     "decoder": {
@@ -80,13 +91,17 @@ class MixedFrames:
     """VAE-stage data: items shaped like clips, ``[3, F, H, W]``, whose F frames come from F consecutive items of
     the shapes dataset, so F different captions. The VAE sees frames one at a time, and a batch of two real clips
     shows it two colours: from such batches a first run learned only "warm" and "cold" (red and yellow decoded alike,
-    green and blue alike) in 1250 steps. Mixed frames show every colour and shape in every batch."""
+    green and blue alike) in 1250 steps. Mixed frames show every colour and shape in every batch.
 
-    def __init__(self, seed: int, frames: int = 16, size: int = 32):
+    A fraction ``other_colours`` of the frames draw their object in a random saturated colour instead of the
+    caption's, so the autoencoder learns colour in general, as a real one does, and not only the four the captions
+    name: a fine-tune can then teach the model a new colour (the purple LoRA of ``cinematic.train.lora_purple``)."""
+
+    def __init__(self, seed: int, frames: int = 16, size: int = 32, other_colours: float = 0.25):
         from cinematic.data.shapes import TRAIN_CAPTIONS, ShapesDataset
 
         self.clips = ShapesDataset(TRAIN_CAPTIONS, size=size, frames=frames, seed=seed)
-        self.frames, self.captions = frames, TRAIN_CAPTIONS
+        self.frames, self.captions, self.other_colours = frames, TRAIN_CAPTIONS, other_colours
 
     def __len__(self) -> int:
         return len(self.clips) // self.frames
@@ -95,8 +110,34 @@ class MixedFrames:
         import torch
 
         first = index * self.frames
-        frames = [self.clips[first + f]["video"][:, f] for f in range(self.frames)]  # F x [3,H,W]
+        rng = np.random.default_rng((self.clips.seed, index, 1))
+        frames = []
+        for f in range(self.frames):
+            if rng.random() < self.other_colours:
+                frames.append(self._recoloured(first + f, f, random_colour(rng)))
+            else:
+                frames.append(self.clips[first + f]["video"][:, f])  # [3,H,W]
         return {"video": torch.stack(frames, dim=1), "caption": ""}  # [3,F,H,W]
+
+    def _recoloured(self, index: int, frame: int, rgb: np.ndarray) -> Any:
+        """Frame ``frame`` of dataset item ``index`` with its object drawn in ``rgb``, as ``[3,H,W]`` in [-1, 1]."""
+        import torch
+
+        from cinematic.data.shapes import clip_params, coverage, item_seed
+
+        params = clip_params(self.clips.caption(index), item_seed(self.clips.seed, index), self.clips.size, self.frames)
+        alpha = coverage(params)[frame][..., None]  # H W 1
+        background = np.asarray(params.background, dtype=np.float32)
+        pixels = np.rint(background + alpha * (rgb - background)).transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32) / np.float32(127.5) - np.float32(1))
+
+
+def random_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated RGB colour of uniform hue (HSV saturation 0.55-0.8, value 0.7-0.9, like the palette's), float32."""
+    import colorsys
+
+    hue, saturation, value = rng.uniform(), rng.uniform(0.55, 0.8), rng.uniform(0.7, 0.9)
+    return np.asarray(colorsys.hsv_to_rgb(hue, saturation, value), dtype=np.float32) * 255.0
 
 
 def run_stage(stage: str, work: Path, resume: bool, **start: Any) -> tuple[Path, float]:
