@@ -167,3 +167,17 @@ def test_dataset_batches_through_a_dataloader():
 def test_dataset_rejects_bad_arguments(kwargs):
     with pytest.raises(CinematicError):
         ShapesDataset(**kwargs)
+
+
+def test_the_vae_stage_data_can_recolour_objects():
+    """shapes_recipe.MixedFrames: frame f of item i is frame f of dataset item i*F+f; with ``other_colours`` some
+    objects take a random colour while the background stays."""
+    from cinematic.train.shapes_recipe import MixedFrames
+
+    plain = MixedFrames(0, frames=4)
+    video = plain[1]["video"]
+    assert torch.equal(video, torch.stack([plain.clips[4 + f]["video"][:, f] for f in range(4)], dim=1))
+    recoloured = MixedFrames(0, frames=4, other_colours=1.0)[1]["video"]
+    changed = (recoloured != video).any(dim=0)  # [F, H, W]
+    assert changed.any() and not changed.all()
+    assert torch.equal(recoloured[:, ~changed], video[:, ~changed])

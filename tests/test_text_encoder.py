@@ -169,8 +169,26 @@ def test_tiny_config_covers_tiny_vocab():
 def test_config_validation():
     with pytest.raises(CinematicError, match="divisible"):
         TextEncoderConfig(width=30, heads=4)
-    with pytest.raises(CinematicError, match="layers"):
-        TextEncoderConfig(layers=0)
+    with pytest.raises(CinematicError, match="layers must be 0 or more"):
+        TextEncoderConfig(layers=-1)
+
+
+def test_zero_layers_keep_every_word_to_its_own_position():
+    """layers=0 (the shapes model): each position's features are its token and position alone, through the final
+    LayerNorm, so changing one word changes that position only."""
+    model = TextEncoder(dataclasses.replace(TEXT_TINY, layers=0, context_length=8)).eval()
+    assert len(model.encoder.layers) == 0
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 2, 0]])
+    changed = tokens.clone()
+    changed[0, 5] = 11
+    with torch.no_grad():
+        out, other = model(tokens), model(changed)
+        emb = model.embeddings
+        expected = F.layer_norm(emb.token_embedding(tokens) + emb.position_embedding.weight[:8], (TEXT_TINY.width,),
+                                model.final_layer_norm.weight, model.final_layer_norm.bias, TEXT_TINY.eps)  # fmt: skip
+    torch.testing.assert_close(out, expected)
+    moved = (out - other).abs().amax(dim=-1)[0]
+    assert moved[5] > 0.1 and torch.equal(moved[:5], torch.zeros(5)) and torch.equal(moved[6:], torch.zeros(2))
 
 
 def test_causal_and_batch_invariance():

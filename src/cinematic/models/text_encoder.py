@@ -23,15 +23,20 @@ class TextEncoderConfig:
     vocab_size: int = 49408
     context_length: int = 77
     width: int = 1024
-    layers: int = 23  # layers used: the published tower has 24, the last of which is skipped
+    # Layers used: the published tower has 24, the last of which is skipped. 0 is allowed: every position is then its
+    # own token's embedding plus its position's, through the final LayerNorm, with nothing mixing the words (the
+    # shapes model: a causal tower makes each word's features depend on every word before it).
+    layers: int = 23
     heads: int = 16
     mlp_width: int = 4096
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "width", "layers", "heads", "mlp_width"):
+        for name in ("vocab_size", "context_length", "width", "heads", "mlp_width"):
             if getattr(self, name) < 1:
                 raise CinematicError(f"text encoder {name} must be positive, got {getattr(self, name)}")
+        if self.layers < 0:
+            raise CinematicError(f"text encoder layers must be 0 or more, got {self.layers}")
         if self.width % self.heads:
             raise CinematicError(f"text encoder width {self.width} is not divisible by heads {self.heads}")
         if not self.eps > 0:
@@ -132,7 +137,7 @@ class TextEncoder(nn.Module):
         # Loading a checkpoint overwrites all of it, and cinematic.weights.build_networks skips it altogether.
         cfg = self.cfg
         attn_std = cfg.width**-0.5
-        proj_std = attn_std * (2 * cfg.layers) ** -0.5
+        proj_std = attn_std * (2 * max(cfg.layers, 1)) ** -0.5
         nn.init.normal_(self.embeddings.token_embedding.weight, std=0.02)
         nn.init.normal_(self.embeddings.position_embedding.weight, std=0.01)
         for layer in self.encoder.layers:

@@ -60,16 +60,11 @@ def fresh_model(model_config: ModelConfig, captions: Sequence[str], tokenizer: s
     from cinematic.models.vae import VAE
     from cinematic.tokenizer import Tokenizer, train_tokenizer
 
-    # Each network draws its init from its own seed, so a change to one network's config leaves the others' initial
-    # weights as they were (a recipe that changes only its UNet can reuse a VAE trained earlier, bit for bit).
-    networks = []
-    for index, (cls, part) in enumerate(
-        ((UNet3D, model_config.unet), (TextEncoder, model_config.text_encoder), (VAE, model_config.vae))
-    ):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, INIT, index))
-            networks.append(cls(part))
-    unet, text_encoder, vae = networks
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, INIT))
+        unet = UNet3D(model_config.unet)
+        text_encoder = TextEncoder(model_config.text_encoder)
+        vae = VAE(model_config.vae)
     text = model_config.text_encoder
     if tokenizer is not None:
         vocab = Tokenizer.from_folder(tokenizer, text.context_length)
