@@ -246,7 +246,8 @@ def test_coordinate_planes_tell_the_unet_where_each_pixel_is():
     state = plain.state_dict()
     # The planes are three more input channels of conv_in and nothing else: with their weights at 0 the UNet is the
     # plain one, with any other weights its output moves.
-    widened = torch.cat([state["conv_in.weight"], torch.zeros(16, 3, 3, 3)], dim=1)
+    first = state["conv_in.weight"]
+    widened = torch.cat([first, first.new_zeros(first.shape[0], 3, 3, 3)], dim=1)
     placed.load_state_dict({**state, "conv_in.weight": widened})
     x, t, context = inputs(UNET_TINY, 2, 3, 8, 8)
     with torch.no_grad():

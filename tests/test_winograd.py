@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cinematic.models import winograd
-from cinematic.models.precision import compute_in
 from cinematic.models.unet3d import UNET_TINY, UNet3D
 from cinematic.pipeline import Pipeline
+from tests.test_fast_modes import fp16_stored
 from tests.test_unet3d import inputs, randomize_
 
 SHAPES = [  # N, C, K, H, W: even and odd sizes, one pixel, channel counts that are not multiples of anything
@@ -113,11 +113,7 @@ def test_winograd_reads_fp16_stored_weights_through_their_fp32_casts(monkeypatch
     """compute_in's parametrized convolutions are switched too, and give the fp32 network's result exactly."""
     monkeypatch.setattr(winograd, "MIN_MACS", 0)
     torch.manual_seed(0)
-    rounded = UNet3D(UNET_TINY).eval()
-    rounded.load_state_dict({k: v.half().float() for k, v in randomize_(UNet3D(UNET_TINY)).state_dict().items()})
-    stored = UNet3D(UNET_TINY).half().eval()
-    stored.load_state_dict(rounded.state_dict())
-    stored = compute_in(stored, torch.float32)
+    rounded, stored = fp16_stored(randomize_(UNet3D(UNET_TINY)))
     assert winograd.enable(rounded, min_channels=1) == winograd.enable(stored, min_channels=1) > 0
     x, t, context = inputs(UNET_TINY, 2, 3, 10, 6)
     with torch.no_grad():
