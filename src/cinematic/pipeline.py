@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cinematic.allocator import keep_freed_memory
 from cinematic.errors import CinematicError
 from cinematic.models.components import Model
 
@@ -156,10 +157,14 @@ class Pipeline:
         half precision and, from fp16 files, gives the fp32 results. ``int8`` quantizes the UNet's Linear layers
         (CPU, fp32 compute only). ``winograd`` runs the large 3x3 convolutions of the UNet and VAE with
         Winograd's F(2x2, 3x3) on the CPU in fp32 (:mod:`cinematic.models.winograd`: fewer multiplications, fp32-level
-        differences); ``False`` keeps PyTorch's own convolution everywhere.
+        differences); ``False`` keeps PyTorch's own convolution everywhere. On the CPU, loading also sets the C
+        allocator to keep freed memory for the next tensor (:mod:`cinematic.allocator`; ``CINEMATIC_MALLOC=system``
+        leaves it alone).
         """
         from cinematic.weights import load
 
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()  # the step's tensors reuse the heap instead of fresh pages (cinematic.allocator)
         compute_dtype = compute_dtype or dtype
         if int8 and (torch.device(device).type != "cpu" or compute_dtype != torch.float32):
             raise CinematicError("int8 runs on the CPU with float32 compute only; allowed: --device cpu --compute fp32")
