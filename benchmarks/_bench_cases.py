@@ -79,6 +79,16 @@ class StepClock:
             self.counter.__exit__(None, None, None)
             self.counting = False
 
+    def sampling_done(self) -> None:
+        """Call after the sampling call returns. ``step_done`` leaves the counter inside the sampler's
+        ``inference_mode``, whose exit restores the dispatch keys it was entered with, the counter's Python key among
+        them; entering and leaving an empty mode clears it again. Without this, the next factory call with no tensor
+        arguments (a ``torch.empty`` in the Winograd convolutions of the decode) fails in PyTorch's Python fallback."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False):
+            pass
+
     def result(self, encode_flops: int) -> dict[str, Any]:
         times = [b - a for a, b in zip(self.stamps[self.cycle - 1 :], self.stamps[self.cycle :])]
         cycles = [statistics.mean(times[i : i + self.cycle]) for i in range(0, len(times) - self.cycle + 1, self.cycle)]
@@ -184,6 +194,7 @@ def cinematic_generation(spec: dict[str, Any]) -> None:
     monitor.enter("steps")
     clock.start()
     latents = pipe.sample(request, progress=False, low_memory=low_memory, callback=lambda i, n: clock.step_done())
+    clock.sampling_done()
     monitor.enter("decode")
     _, decode_s = _timed(lambda: pipe.decode(latents, chunk=1 if low_memory else 8), device)
     emit({"import_s": import_s, "load_s": load_s, "encode_s": encode_s, "decode_s": decode_s, "rss_base": rss_base,
@@ -243,6 +254,7 @@ def diffusers_generation(spec: dict[str, Any]) -> None:
         ).frames  # fmt: skip
         monitor.enter("decode")
         _, decode_s = _timed(lambda: pipe.decode_latents(latents), device)
+    clock.sampling_done()
     emit({"import_s": import_s, "load_s": load_s, "encode_s": encode_s, "decode_s": decode_s, "rss_base": rss_base,
           **clock.result(encode_flops), **_memory(device, monitor)})  # fmt: skip
 
@@ -314,6 +326,7 @@ def modelscope_generation(spec: dict[str, Any]) -> None:
         noise, model, model_kwargs=[{"y": cond}, {"y": uncond}], guide_scale=GUIDANCE,
         ddim_timesteps=1 + spec["timed"], eta=0.0,
     )  # fmt: skip
+    clock.sampling_done()
 
     def decode():  # as TextToVideoSynthesis.forward: every frame in one call
         with torch.no_grad():
