@@ -57,6 +57,18 @@ def test_step_clock_reports_the_median_cycle_and_warm_up_flops():
     assert result["step_s"] == 1.0
 
 
+def test_step_clock_leaves_no_dispatch_mode_behind():
+    # The sampler runs under inference_mode and the clock stops counting FLOPs from its callback, inside it.
+    clock = _bench_cases.StepClock("cpu", cycle=1)
+    clock.start()
+    with torch.inference_mode():
+        torch.ones(4, 4) @ torch.ones(4, 4)
+        clock.step_done()
+    clock.sampling_done()
+    assert torch.empty(3).shape == (3,)  # a factory call with no tensor arguments, as the Winograd decode makes
+    assert clock.counter.get_total_flops() == 2 * 4**3  # the one step it counted
+
+
 def test_whole_video_estimates():
     def case(impl, mode, step_s, encode_s=1.0, decode_s=2.0):
         return {"impl": impl, "mode": mode, "step_s": step_s, "encode_s": encode_s, "decode_s": decode_s}

@@ -50,6 +50,14 @@ def test_frame_chunks_give_the_unchunked_result(monkeypatch):
     torch.testing.assert_close(winograd.conv3x3(x, weight, bias), whole, rtol=0, atol=0)
 
 
+def test_row_bands_give_the_unbanded_result(monkeypatch):
+    # An image larger than a chunk is done in bands of tile rows (the VAE's 256x256 layers); 9 rows = 5 tile rows.
+    x, weight, bias = torch.randn(2, 16, 9, 10), torch.randn(12, 16, 3, 3), torch.randn(12)
+    whole = winograd.conv3x3(x, weight, bias)
+    monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 16 * 5 * 16 * 2)  # bands of two tile rows: 2 + 2 + 1
+    torch.testing.assert_close(winograd.conv3x3(x, weight, bias), whole, rtol=0, atol=0)
+
+
 def test_enable_switches_only_plain_3x3_stride_1_convolutions(monkeypatch):
     class LoRAConv(nn.Conv2d):  # a subclass with a computation of its own is left alone
         def forward(self, x):

@@ -11,7 +11,9 @@ more of its time on these page faults, and a temporal transformer of the first l
 :func:`keep_freed_memory` sets two of glibc's ``mallopt`` parameters: no ``mmap`` for allocations (they come from
 the heap and go back to it) and a trim threshold of 1 GiB (the free top of the heap is returned to the kernel only
 beyond that). The cost is memory the process keeps after its peak: freed blocks are reused, but a fragmented heap
-can hold more than the live tensors need (measured in the README's table with the rest of the peak RSS).
+can hold more than the live tensors need. :func:`release_free_memory` hands the free pages back between phases
+(the pipeline calls it after sampling and when it frees the text encoder), so what the steps kept does not add to
+the decode's peak.
 
 Only glibc has ``mallopt``; elsewhere (macOS, Windows, musl) this does nothing. ``CINEMATIC_MALLOC=system`` in the
 environment leaves the allocator as it is.
@@ -50,3 +52,11 @@ def _apply() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the kernel (glibc ``malloc_trim``), where :func:`keep_freed_memory` is in
+    effect. Called between phases (after the text encoder is freed, after sampling), so that memory kept for the
+    steps does not add to the next phase's peak."""
+    if _applied:
+        ctypes.CDLL(None).malloc_trim(0)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cinematic.allocator import keep_freed_memory
+from cinematic.allocator import keep_freed_memory, release_free_memory
 from cinematic.errors import CinematicError
 from cinematic.models.components import Model
 
@@ -456,6 +456,7 @@ class Pipeline:
         finally:
             if bar is not None:
                 bar.close()
+            release_free_memory()
 
     def window_starts(self, request: Request) -> list[int]:
         """First frames of the UNet windows of ``request`` (``[0]`` when it runs in one piece)."""
@@ -524,6 +525,7 @@ class Pipeline:
         if self._reload_text_encoder is None or self.model.text_encoder is None:
             return False
         self.model.text_encoder = None
+        release_free_memory()
         return True
 
     @torch.inference_mode()

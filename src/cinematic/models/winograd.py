@@ -61,30 +61,40 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     # Channels last, so that every tile element below is a strided view with contiguous channels.
     padded = F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h)).permute(0, 2, 3, 1).contiguous()  # [N, H', W', C]
     out = torch.empty((n, 2 * th, 2 * tw, k), dtype=x.dtype, device=x.device)
-    chunk = max(1, min(n, CHUNK_ELEMENTS // (16 * th * tw * max(c, k))))
-    rows = torch.empty((4, chunk, th, tw, c), dtype=x.dtype, device=x.device)
-    v = torch.empty((4, 4, chunk, th, tw, c), dtype=x.dtype, device=x.device)
-    prod = torch.empty((16, chunk * th * tw, k), dtype=x.dtype, device=x.device)
-    half = torch.empty((2, 4, chunk, th, tw, k), dtype=x.dtype, device=x.device)
-    for first in range(0, n, chunk):
-        part = padded[first : first + chunk]
-        m = part.shape[0]
-        d = [[part[:, i : i + 2 * th : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]  # [m, th, tw, C]
+    # Chunks of whole images, or of bands of tile rows where one image alone is larger than a chunk (the VAE's
+    # 256x256 layers), so that the buffers below stay about CHUNK_ELEMENTS whatever the size.
+    per_row = 16 * tw * max(c, k)
+    band = max(1, min(th, CHUNK_ELEMENTS // per_row))
+    chunk = max(1, min(n, CHUNK_ELEMENTS // (per_row * band))) if band == th else 1
+    # Flat buffers, viewed per chunk at its own size (the last chunk may be smaller), so every view is contiguous.
+    size = chunk * band * tw
+    rows_buf = torch.empty(4 * size * c, dtype=x.dtype, device=x.device)
+    v_buf = torch.empty(16 * size * c, dtype=x.dtype, device=x.device)
+    prod_buf = torch.empty(16 * size * k, dtype=x.dtype, device=x.device)
+    half_buf = torch.empty(8 * size * k, dtype=x.dtype, device=x.device)
+    for first, r0 in ((f, r) for f in range(0, n, chunk) for r in range(0, th, band)):
+        m, b = min(chunk, n - first), min(band, th - r0)
+        count = m * b * tw
+        part = padded[first : first + m, 2 * r0 : 2 * (r0 + b) + 2]
+        d = [[part[:, i : i + 2 * b : 2, j : j + 2 * tw : 2] for j in range(4)] for i in range(4)]  # [m, b, tw, C]
         # V = B^T d B: rows of B^T combine the tile's rows, then its columns.
+        rows = rows_buf[: 4 * count * c].view(4, m, b, tw, c)
+        v = v_buf[: 16 * count * c].view(4, 4, m, b, tw, c)
         for a, (i0, sign_i, i1) in enumerate(_BT_ROWS):
             for j in range(4):
-                torch.add(d[i0][j], d[i1][j], alpha=sign_i, out=rows[j, :m])
-            for b, (j0, sign_j, j1) in enumerate(_BT_ROWS):
-                torch.add(rows[j0, :m], rows[j1, :m], alpha=sign_j, out=v[a, b, :m])
-        tiles = prod[:, : m * th * tw]
-        torch.bmm(v[:, :, :m].reshape(16, m * th * tw, c), u, out=tiles)  # the 16 products [tiles, C] x [C, K]
+                torch.add(d[i0][j], d[i1][j], alpha=sign_i, out=rows[j])
+            for col, (j0, sign_j, j1) in enumerate(_BT_ROWS):
+                torch.add(rows[j0], rows[j1], alpha=sign_j, out=v[a, col])
+        tiles = prod_buf[: 16 * count * k].view(16, count, k)
+        torch.bmm(v.view(16, count, c), u, out=tiles)  # the 16 products [tiles, C] x [C, K]
         # Y = A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: first over the tile's rows, then its columns.
-        mm = tiles.view(4, 4, m, th, tw, k)
-        torch.add(mm[0] + mm[1], mm[2], out=half[0, :, :m])
-        torch.sub(mm[1] - mm[2], mm[3], out=half[1, :, :m])
-        y = out[first : first + m]
+        mm = tiles.view(4, 4, m, b, tw, k)
+        half = half_buf[: 8 * count * k].view(2, 4, m, b, tw, k)
+        torch.add(mm[0] + mm[1], mm[2], out=half[0])
+        torch.sub(mm[1] - mm[2], mm[3], out=half[1])
+        y = out[first : first + m, 2 * r0 : 2 * (r0 + b)]
         for p in range(2):
-            hp = half[p, :, :m]
+            hp = half[p]
             torch.add(hp[0] + hp[1], hp[2], out=y[:, p::2, 0::2])
             torch.sub(hp[1] - hp[2], hp[3], out=y[:, p::2, 1::2])
     result = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device)
