@@ -69,3 +69,26 @@ def test_environment_opt_out(glibc):
     applied, mmapped, _ = _probe("on", env=os.environ | {"CINEMATIC_MALLOC": "system"})
     assert applied == 0
     assert mmapped >= 64 * 2**20
+
+
+RELEASE = textwrap.dedent(
+    """
+    import torch
+    from cinematic.allocator import keep_freed_memory, release_free_memory
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+    assert keep_freed_memory()
+    t = torch.ones(16 * 2**20)
+    del t
+    kept = rss()
+    release_free_memory()
+    print(kept - rss())
+    """
+)
+
+
+def test_release_hands_the_kept_pages_back(glibc):
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True)
+    assert int(out.stdout) >= 48 * 2**20  # most of the freed 64 MiB tensor leaves the resident set
