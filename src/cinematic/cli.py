@@ -81,7 +81,9 @@ def _lora_specs(specs: list[str]) -> list[tuple[str, float]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from cinematic.pipeline import check_guidance, check_guidance_stop, check_sampler, random_seed
+    import torch
+
+    from cinematic.pipeline import check_acceleration, check_guidance, check_guidance_stop, check_sampler, random_seed
 
     if args.prompt_schedule is not None:
         from cinematic.diffusion.windows import parse_prompt_schedule
@@ -95,6 +97,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_sampler(args.sampler)
     check_guidance(args.guidance)
     check_guidance_stop(args.guidance_stop)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_acceleration(args.compile, args.cuda_graphs, device)
     if args.cache_interval < 1 or args.cache_depth < 1:
         raise CinematicError("--cache-interval and --cache-depth must be at least 1")
     if args.steps < 1 or args.frames is not None and args.frames < 1 or args.num_videos < 1:
@@ -113,11 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
 
-    import torch
-
     from cinematic.pipeline import Pipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     compute = args.compute or dtype
     pipe = Pipeline.from_pretrained(
@@ -130,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         winograd=not args.no_winograd,
         loras=loras,
         merge_loras=args.lora_merge,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
     )
     defaults = pipe.model.config.defaults
     videos = pipe(
@@ -209,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument(
         "--no-winograd", action="store_true",
         help="PyTorch's own 3x3 convolutions instead of Winograd's (CPU, fp32 compute; same results to fp32 rounding)",
+    )  # fmt: skip
+    gpu = gen.add_argument_group("faster steps (same results to rounding)")
+    gpu.add_argument(
+        "--compile", nargs="?", const="default", metavar="MODE",
+        help="run the UNet through torch.compile (MODE: default, reduce-overhead, max-autotune, "
+        "max-autotune-no-cudagraphs); the first step compiles, minutes for the full model",
+    )  # fmt: skip
+    gpu.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="record the UNet's step as a CUDA graph and replay it (CUDA only; not with --cache-interval or --freeu)",
     )  # fmt: skip
     start = gen.add_argument_group("starting from pictures; FreeU and FreeInit")
     start.add_argument("--init-video", metavar="CLIP", help="video-to-video: restyle or upscale this clip")

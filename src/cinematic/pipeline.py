@@ -22,12 +22,14 @@ from cinematic.models.components import Model
 
 if TYPE_CHECKING:
     from cinematic.conditioning import Pictures
+    from cinematic.models.cuda_graphs import CUDAGraphs
     from cinematic.models.feature_cache import DeepCache
 
 MAX_SIZE = 2048
 MIN_SIZE = 64  # lowered to a model's own trained size when that is smaller (the bundled shapes model)
 SIZE_MULTIPLE = 8
 SEED_RANGE = 2**32  # seeds are unsigned 32-bit, as users copy them between tools
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass
@@ -117,6 +119,13 @@ def check_guidance_stop(value: Any) -> float:
     return float(value)
 
 
+def check_acceleration(compile: Any, cuda_graphs: bool, device: torch.device | str) -> None:
+    if compile is not None and compile not in COMPILE_MODES:
+        raise CinematicError(f"unknown compile mode {compile!r}; allowed: {', '.join(COMPILE_MODES)}")
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise CinematicError(f"CUDA graphs need a CUDA device, not {device}; allowed: --device cuda")
+
+
 def check_sampler(name: Any) -> str:
     from cinematic.diffusion import SAMPLERS
 
@@ -135,6 +144,9 @@ class Pipeline:
         self.alpha_bar = model.config.schedule.alpha_bar()
         # How to load the text encoder again after low-memory mode freed it; set by from_pretrained.
         self._reload_text_encoder: Callable[[], torch.nn.Module] | None = None
+        # The UNet as a plain step calls it: compiled and/or replayed from CUDA graphs (see accelerate).
+        self._fast_unet: Callable[..., torch.Tensor] | None = None
+        self._graphs: CUDAGraphs | None = None
 
     @classmethod
     def from_pretrained(
@@ -149,6 +161,8 @@ class Pipeline:
         loras: Sequence[tuple[str | Path, float]] = (),
         merge_loras: bool = False,
         winograd: bool = True,
+        compile: str | None = None,
+        cuda_graphs: bool = False,
     ) -> Pipeline:
         """Load any path, bundled name or hub id that :func:`cinematic.weights.load` takes.
 
@@ -159,7 +173,7 @@ class Pipeline:
         Winograd's F(2x2, 3x3) on the CPU in fp32 (:mod:`cinematic.models.winograd`: fewer multiplications, fp32-level
         differences); ``False`` keeps PyTorch's own convolution everywhere. On the CPU, loading also sets the C
         allocator to keep freed memory for the next tensor (:mod:`cinematic.allocator`; ``CINEMATIC_MALLOC=system``
-        leaves it alone).
+        leaves it alone). ``compile`` and ``cuda_graphs``: see :meth:`accelerate`.
         """
         from cinematic.weights import load
 
@@ -187,7 +201,26 @@ class Pipeline:
         pipe._reload_text_encoder = lambda: _load_text_encoder(model, device, dtype, compute_dtype, variant)
         for path, scale in loras:  # LoRA adapters, e.g. [("purple-lora", 1.0)]: see load_lora
             pipe.load_lora(path, scale, merge=merge_loras)
+        if compile is not None or cuda_graphs:
+            pipe.accelerate(compile=compile, cuda_graphs=cuda_graphs)
         return pipe
+
+    def accelerate(self, compile: str | None = None, cuda_graphs: bool = False) -> None:
+        """Run the UNet's plain steps through ``torch.compile`` (``compile``: a mode, ``"default"``,
+        ``"reduce-overhead"``, ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``) and/or replay them as CUDA
+        graphs (``cuda_graphs``, CUDA devices only: :mod:`cinematic.models.cuda_graphs`). Steps with feature caching
+        or FreeU run eagerly. The first step at each shape pays for compiling or recording. ``accelerate()`` turns
+        both off."""
+        check_acceleration(compile, cuda_graphs, self.device)
+        unet: Callable[..., torch.Tensor] = self.model.unet
+        if compile is not None:
+            unet = torch.compile(unet, mode=None if compile == "default" else compile, dynamic=False)
+        self._graphs = None
+        if cuda_graphs:
+            from cinematic.models.cuda_graphs import CUDAGraphs
+
+            unet = self._graphs = CUDAGraphs(unet)
+        self._fast_unet = unet if compile is not None or cuda_graphs else None
 
     def load_lora(self, path: str | Path, scale: float = 1.0, merge: bool = False) -> str:
         """Apply the LoRA adapter at ``path`` (a .safetensors file or a folder holding one, in cinematic's,
@@ -196,12 +229,16 @@ class Pipeline:
         update is folded into their weights (and taken out exactly again by :meth:`unload_lora`)."""
         from cinematic.lora import load_lora
 
+        if self._graphs is not None:
+            self._graphs.reset()  # the recordings would run the layers as they were
         return load_lora(self.model.unet, path, scale, merge)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Take off the adapter ``name`` (default: all of them), restoring the base weights bit for bit."""
         from cinematic.lora import unload_lora
 
+        if self._graphs is not None:
+            self._graphs.reset()
         unload_lora(self.model.unet, name)
 
     @property
@@ -517,6 +554,9 @@ class Pipeline:
     ) -> torch.Tensor:
         """The UNet in its own dtype; latents and the sampler's arithmetic stay float32, as in the original."""
         unet = self.model.unet
+        if self._fast_unet is not None and cache is None and not _has_hooks(unet):
+            t = torch.as_tensor(t, device=self.device, dtype=torch.float32).reshape(-1)
+            return self._fast_unet(x.to(self.dtype), t, context.to(self.dtype)).float()
         return unet(x.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
 
     def release_text_encoder(self) -> bool:
@@ -561,6 +601,17 @@ class Pipeline:
             **({"prompt_schedule": " | ".join(f"{k}: {p}" for k, p in request.prompt_schedule)}
                if request.prompt_schedule else {}),
         }  # fmt: skip
+
+
+def _has_hooks(network: torch.nn.Module) -> bool:
+    """Whether any module of ``network`` has forward hooks that change its result (FreeU's, unmerged LoRA adapters',
+    a user's): a compiled or recorded forward would not run them."""
+    from cinematic.models.lora import adds_nothing
+
+    return any(
+        m._forward_pre_hooks or any(not adds_nothing(m, hook) for hook in m._forward_hooks.values())
+        for m in network.modules()
+    )
 
 
 def _load_text_encoder(

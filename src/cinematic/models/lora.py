@@ -95,6 +95,12 @@ def _add_adapters(module: nn.Module, args: tuple, output: torch.Tensor) -> torch
     return output
 
 
+def adds_nothing(module: nn.Module, hook: object) -> bool:
+    """Whether ``hook`` of ``module`` is the adapters' hook with nothing to add (every adapter merged, at scale 0, or
+    removed): a compiled or recorded forward may then leave it out."""
+    return hook is _add_adapters and all(a.merged or a.scale == 0 for a in getattr(module, ADAPTERS, {}).values())
+
+
 def target_layers(unet: nn.Module, targets: str) -> dict[str, nn.Module]:
     """The projections that ``targets`` adapts, by module name, in module order."""
     if targets not in TARGETS:
