@@ -123,8 +123,8 @@ def test_cuda_graph_replays_equal_eager_and_record_once_per_signature():
         for shape in [(4, 16), (4, 16), (3, 16), (4, 16), (5, 16), (3, 16)]:
             x = torch.randn(shape, device="cuda")
             torch.testing.assert_close(graphs(x), net(x))
-    # (4,16) and (3,16) recorded; (5,16) pushed (4,16) out, the least recently used, before (3,16) came back
-    assert graphs.recorded == 3 and len(graphs.recordings) == 2
+    # (4,16) and (3,16) recorded; (5,16) pushed out (3,16), the least recently used, which was recorded again
+    assert graphs.recorded == 4 and len(graphs.recordings) == 2
     first = graphs(torch.ones(3, 16, device="cuda"))
     graphs(torch.zeros(3, 16, device="cuda"))
     torch.testing.assert_close(first, net(torch.ones(3, 16, device="cuda")))  # a copy, not the graph's own output

@@ -32,9 +32,9 @@ class CUDAGraphs:
     """``CUDAGraphs(fn)(*tensors)`` equals ``fn(*tensors)`` for CUDA tensors, recorded on the first call with each
     signature (after ``warmup`` eager calls on a side stream, as CUDA requires) and replayed after that.
 
-    ``fn`` takes and returns tensors only. At most ``limit`` recordings are kept (the least recently used goes);
-    they share one memory pool, so each holds little beyond its inputs and output. The returned tensor is a copy:
-    the next replay overwrites the graph's own output.
+    For inference only: ``fn`` takes and returns tensors, and no gradient flows through a replay. At most ``limit``
+    recordings are kept (the least recently used goes); they share one memory pool, so each holds little beyond its
+    inputs and output. The returned tensor is a copy: the next replay overwrites the graph's own output.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], limit: int = 8, warmup: int = 2):
@@ -53,10 +53,11 @@ class CUDAGraphs:
                 self.recordings.popitem(last=False)
         else:
             self.recordings.move_to_end(signature)
-        for static, value in zip(recording.inputs, tensors):
-            static.copy_(value)
-        recording.graph.replay()
-        return recording.output.clone()
+        with torch.inference_mode():  # the recording's tensors may be inference tensors; no autograd sees a replay
+            for static, value in zip(recording.inputs, tensors):
+                static.copy_(value)
+            recording.graph.replay()
+            return recording.output.clone()
 
     def _record(self, tensors: tuple[torch.Tensor, ...]) -> _Recording:
         if not all(t.is_cuda for t in tensors):
