@@ -29,6 +29,9 @@ MAX_SIZE = 2048
 MIN_SIZE = 64  # lowered to a model's own trained size when that is smaller (the bundled shapes model)
 SIZE_MULTIPLE = 8
 SEED_RANGE = 2**32  # seeds are unsigned 32-bit, as users copy them between tools
+# Low-memory mode runs the UNet's feed-forwards this many tokens at a time (cinematic.models.layers.FeedForward): at
+# 16 frames of 32x32 latents, a step's largest live set 0.75 -> 0.50 GB, at the same speed.
+LOW_MEMORY_FF_ROWS = 4096
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -439,6 +442,7 @@ class Pipeline:
         from cinematic.diffusion import sample
         from cinematic.diffusion.freeinit import free_init
         from cinematic.models.freeu import FREEU_VIDEO, freeu
+        from cinematic.models.layers import chunked_feed_forward
         from cinematic.progress import Progress
 
         starts = self.window_starts(request)
@@ -488,7 +492,10 @@ class Pipeline:
             return latents if pin is None else pin.finish(latents)
 
         try:
-            with freeu(self.model.unet, FREEU_VIDEO if request.freeu else None):
+            with (
+                freeu(self.model.unet, FREEU_VIDEO if request.freeu else None),
+                chunked_feed_forward(self.model.unet, LOW_MEMORY_FF_ROWS if low_memory else None),
+            ):
                 return free_init(run, start.noise, request.freeinit, self.alpha_bar, start.generator)
         finally:
             if bar is not None:
