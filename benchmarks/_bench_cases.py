@@ -521,7 +521,7 @@ def judge(spec: dict[str, Any]) -> None:
 def make_child(spec: dict[str, Any]) -> None:
     from _bench_models import make_folders, model_folders
 
-    make_folders(spec["model"], model_folders(Path(spec["workdir"]), spec["model"]))
+    make_folders(spec["model"], model_folders(Path(spec["workdir"]), spec["model"]), set(spec["layouts"]))
     emit({"ok": True})
 
 

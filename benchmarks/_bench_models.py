@@ -46,13 +46,18 @@ def model_folders(workdir: Path, name: str) -> dict[str, Path]:
     return {layout: base / layout for layout in ("diffusers", "cinematic", "modelscope")}
 
 
-def folders_complete(folders: dict[str, Path]) -> bool:
-    markers = {"diffusers": "model_index.json", "cinematic": "model.json", "modelscope": "configuration.json"}
-    return all((folders[layout] / marker).is_file() for layout, marker in markers.items())
+MARKERS = {"diffusers": "model_index.json", "cinematic": "model.json", "modelscope": "configuration.json"}
 
 
-def make_folders(name: str, folders: dict[str, Path]) -> None:
-    """Write whichever of the three folders is missing (in a child process: the full model needs ~8 GB)."""
+def folders_complete(folders: dict[str, Path], layouts: set[str] | None = None) -> bool:
+    """Whether the folders of ``layouts`` (default: all three) are written."""
+    return all((folders[layout] / MARKERS[layout]).is_file() for layout in layouts or MARKERS)
+
+
+def make_folders(name: str, folders: dict[str, Path], layouts: set[str] | None = None) -> None:
+    """Write whichever of the folders of ``layouts`` (default: all three; the cinematic and ModelScope ones are made
+    from the diffusers one) is missing, in a child process: the full model needs ~8 GB. Without the modelscope
+    package installed (a GPU machine, say), leave ``modelscope`` out."""
     import torch
     from load import make_diffusers_folder
 
@@ -65,7 +70,7 @@ def make_folders(name: str, folders: dict[str, Path]) -> None:
     if not (folders["cinematic"] / "model.json").is_file():
         shutil.rmtree(folders["cinematic"], ignore_errors=True)
         convert(folders["diffusers"], folders["cinematic"], dtype=torch.float16)
-    if not (folders["modelscope"] / "configuration.json").is_file():
+    if "modelscope" in (layouts or MARKERS) and not (folders["modelscope"] / "configuration.json").is_file():
         make_modelscope_folder(folders["cinematic"], folders["modelscope"])
 
 

@@ -102,6 +102,8 @@ class Runner:
         for loader, layout, variant, storage in LOADS:
             if loader not in self.args.impls and loader != "cinematic":
                 continue
+            if layout == "modelscope" and "modelscope" not in self.args.impls:  # its folder is made only then
+                continue
             kept = f", {storage} kept" if storage else ""
             print(f"  load: {loader} from {layout}{kept} ...", end=" ", flush=True)
             spec = {"loader": loader, "folder": str(self.folders[layout]), "variant": variant, "model": self.model}
@@ -334,9 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)
     runner = Runner(args, folders)
-    if not folders_complete(folders):
+    layouts = {"diffusers", "cinematic"} | ({"modelscope"} & set(args.impls))  # what this run reads
+    if not folders_complete(folders, layouts):
         print(f"writing the {setting.model} random-weight model folders under {folders['cinematic'].parent} ...")
-        result = runner.child("make", model=setting.model, workdir=str(args.workdir))
+        result = runner.child("make", model=setting.model, workdir=str(args.workdir), layouts=sorted(layouts))
         if "error" in result:
             raise SystemExit(result["error"])
 

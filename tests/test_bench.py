@@ -27,6 +27,15 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
+def test_a_run_without_modelscope_writes_and_needs_no_modelscope_folder(tmp_path):
+    from _bench_models import folders_complete
+
+    folders = {layout: tmp_path / layout for layout in ("diffusers", "cinematic", "modelscope")}
+    make_folders("tiny", folders, {"diffusers", "cinematic"})
+    assert folders_complete(folders, {"diffusers", "cinematic"})
+    assert not folders["modelscope"].exists() and not folders_complete(folders)
+
+
 def test_the_three_layouts_hold_the_same_weights(folders):
     ours = load(folders["cinematic"])
     for layout, variant in (("diffusers", "fp16"), ("modelscope", None)):
