@@ -500,6 +500,8 @@ def judge(spec: dict[str, Any]) -> None:
     d = pipe.model.config.defaults
     out = {}
     for name, (sampler, steps, settings) in JUDGE_MODES.items():
+        if spec.get("settings") and name not in spec["settings"]:
+            continue
         videos: dict[str, list] = {caption: [] for caption in ALL_CAPTIONS}
         start = time.perf_counter()
         for seed in range(spec["seeds"]):

@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.factories builds the reference models
 
+from _bench_cases import JUDGE_MODES  # noqa: E402
 from _bench_models import folders_complete, model_folders  # noqa: E402
 from _common import GIB, machine, markdown_table, median, run_child  # noqa: E402
 from load import CHILD_ENV  # noqa: E402
@@ -315,6 +316,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quality-steps", type=int, default=25, help="DPM-Solver++ steps of --quality (default 25)")
     parser.add_argument("--reference-steps", type=int, default=50, help="DDIM steps of --quality's reference")
     parser.add_argument("--judge", type=int, metavar="SEEDS", help="also judge the shapes model per fast mode")
+    parser.add_argument("--judge-settings", nargs="+", choices=list(JUDGE_MODES), metavar="SETTING",
+                        help=f"what --judge runs (default all: {', '.join(map(repr, JUDGE_MODES))})")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cinematic-bench"))
     parser.add_argument("--rebuild", action="store_true", help="write the model folders again")
     parser.add_argument("--json", type=Path, help="write every measurement here")
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                                steps=args.quality_steps, reference_steps=args.reference_steps)  # fmt: skip
     if args.judge:
         print("  shapes judge ...", flush=True)
-        judge = runner.child("judge", seeds=args.judge)
+        judge = runner.child("judge", seeds=args.judge, settings=args.judge_settings)
 
     timed = args.timed or setting.timed
     print(f"\n{setting.frames} frames at {setting.size}x{setting.size}, guidance 9, compute {args.dtype}; s/step: "
