@@ -196,7 +196,7 @@ def cinematic_generation(spec: dict[str, Any]) -> None:
     latents = pipe.sample(request, progress=False, low_memory=low_memory, callback=lambda i, n: clock.step_done())
     clock.sampling_done()
     monitor.enter("decode")
-    _, decode_s = _timed(lambda: pipe.decode(latents, chunk=1 if low_memory else 8), device)
+    _, decode_s = _timed(lambda: pipe.decode(latents, chunk=1 if low_memory else None), device)
     emit({"import_s": import_s, "load_s": load_s, "encode_s": encode_s, "decode_s": decode_s, "rss_base": rss_base,
           **clock.result(encode_flops), **_memory(device, monitor)})  # fmt: skip
 

@@ -422,7 +422,7 @@ class Pipeline:
             latents = self.sample(
                 request, progress=progress, low_memory=low_memory, callback=callback, pictures=pictures
             )
-        frames = self.decode(latents, chunk=1 if low_memory else 8)
+        frames = self.decode(latents, chunk=1 if low_memory else None)
         fps = self.model.config.defaults.fps
         videos = [Video(f, fps=fps, metadata=self.metadata(request, i)) for i, f in enumerate(frames)]
         return videos[0] if len(videos) == 1 else videos
@@ -576,8 +576,13 @@ class Pipeline:
         return True
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, chunk: int = 8) -> list[torch.Tensor]:
-        """uint8 frames ``[F, H, W, 3]`` per video: ``(x + 1) / 2``, clamped, rounded."""
+    def decode(self, latents: torch.Tensor, chunk: int | None = None) -> list[torch.Tensor]:
+        """uint8 frames ``[F, H, W, 3]`` per video: ``(x + 1) / 2``, clamped, rounded. ``chunk``: frames per VAE call
+        (default: 1 on the CPU, 8 elsewhere). On the CPU one frame at a time is no slower: the full model's 16 frames
+        at 256x256 decoded in 55-63 s one by one and 62-67 s eight at a time, and eight at a time needed about 3 GB more
+        (bench.py, 2026-11-26)."""
+        if chunk is None:
+            chunk = 1 if self.device.type == "cpu" else 8
         videos = self.model.vae.decode_video(latents.to(self.dtype), chunk=chunk).float()  # [B,3,F,H,W]
         pixels = ((videos + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
         return [v.permute(1, 2, 3, 0).contiguous().cpu() for v in pixels]  # [3,F,H,W] -> [F,H,W,3]
