@@ -70,7 +70,7 @@ def make_folders(name: str, folders: dict[str, Path], layouts: set[str] | None =
     if not (folders["cinematic"] / "model.json").is_file():
         shutil.rmtree(folders["cinematic"], ignore_errors=True)
         convert(folders["diffusers"], folders["cinematic"], dtype=torch.float16)
-    if "modelscope" in (layouts or MARKERS) and not (folders["modelscope"] / "configuration.json").is_file():
+    if "modelscope" in (layouts or MARKERS) and not folders_complete(folders, {"modelscope"}):
         make_modelscope_folder(folders["cinematic"], folders["modelscope"])
 
 

@@ -32,17 +32,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _bench_cases import _sync  # noqa: E402
 from _common import markdown_table  # noqa: E402
 
 PROMPT = "an astronaut riding a horse on the moon"
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], Any], device, repeats: int, warmup: int = 1) -> dict[str, Any]:

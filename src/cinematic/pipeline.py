@@ -543,7 +543,10 @@ class Pipeline:
         from cinematic.models.feature_cache import DeepCache
 
         cache = DeepCache(request.cache_interval, request.cache_depth) if request.cache_interval > 1 else None
-        eps_model = self._eps_model if cache is None else partial(self._eps_model, cache=cache)
+        # The compiled or recorded UNet, for steps whose forward is the plain one: no feature caching, and no hooks
+        # (FreeU's, unmerged LoRA adapters'), which are in place for the whole sampling run and checked once here.
+        fast = self._fast_unet if cache is None and not _has_hooks(self.model.unet) else None
+        eps_model = partial(self._eps_model, cache=cache, fast=fast)
         guided = classifier_free_guidance(eps_model, cond, uncond, request.guidance_scale, batched=batched)
         if uncond is not None and request.guidance_stop < 1.0:
             guided = TruncatedGuidance(guided, guided_steps(steps or request.steps, request.guidance_stop))
@@ -557,14 +560,19 @@ class Pipeline:
         return step
 
     def _eps_model(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: DeepCache | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        cache: DeepCache | None = None,
+        fast: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The UNet in its own dtype; latents and the sampler's arithmetic stay float32, as in the original."""
-        unet = self.model.unet
-        if self._fast_unet is not None and cache is None and not _has_hooks(unet):
+        """The UNet in its own dtype; latents and the sampler's arithmetic stay float32, as in the original. ``fast``:
+        the compiled or recorded UNet (:meth:`accelerate`), which takes tensors only."""
+        if fast is not None:
             t = torch.as_tensor(t, device=self.device, dtype=torch.float32).reshape(-1)
-            return self._fast_unet(x.to(self.dtype), t, context.to(self.dtype)).float()
-        return unet(x.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
+            return fast(x.to(self.dtype), t, context.to(self.dtype)).float()
+        return self.model.unet(x.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
 
     def release_text_encoder(self) -> bool:
         """Free the text encoder's weights; it is loaded again from the model when next needed. Only a pipeline
