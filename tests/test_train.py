@@ -141,6 +141,19 @@ def test_training_temporal_layers_changes_only_them(vae_run: Path, tmp_path: Pat
             assert changed and all(any(m in k.split(".") for m in TEMPORAL_MODULES) for k in changed)
 
 
+def test_text_lr_scale_sets_the_text_encoders_own_rate(vae_run: Path, tmp_path: Path):
+    # At scale 0 the text encoder is in the optimizer (its own group) but does not move; the UNet does.
+    config = TrainConfig(tmp_path / "run", init=str(vae_run / "model"), text_lr_scale=0.0, steps=2, ema_decay=0, **FAST)
+    train(config)
+    before, after = load(vae_run / "model"), load(tmp_path / "run" / "model")
+    old, new = before.text_encoder.state_dict(), after.text_encoder.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    old, new = before.unet.state_dict(), after.unet.state_dict()
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+    with pytest.raises(CinematicError, match="text lr scale must be a finite number >= 0"):
+        TrainConfig(tmp_path / "other", text_lr_scale=-1.0)
+
+
 def test_sample_hook_sees_ema_weights_every_n_steps(vae_run: Path, tmp_path: Path):
     calls = []
 

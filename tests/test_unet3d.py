@@ -254,3 +254,100 @@ def test_coordinate_planes_tell_the_unet_where_each_pixel_is():
         torch.testing.assert_close(placed(x, t, context), plain(x, t, context), rtol=0, atol=0)
         placed.conv_in.weight[:, 4:] = 0.1
         assert not torch.allclose(placed(x, t, context), plain(x, t, context), atol=1e-3)
+
+
+def test_temporal_context_lets_a_word_act_differently_on_each_frame():
+    from cinematic.models.components import ModelConfig
+    from cinematic.models.unet3d_blocks import TemporalTransformer
+
+    torch.manual_seed(0)
+    # Every frame alike: per-frame spatial cross-attention must respond alike on all of them; a temporal transformer
+    # that reads the text (with frame positions) responds to a change of caption differently per frame.
+    frame = torch.randn(1, 16, 3, 3)
+    x = frame.repeat(2 * 6, 1, 1, 1)  # [(B F), C, H, W], 2 videos of 6 identical frames
+    text_a, text_b = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
+    per_frame = lambda c: c.repeat_interleave(6, dim=0)  # noqa: E731  [B,L,D] -> [(B F),L,D]
+    reads = randomize_(TemporalTransformer(16, 2, 8, 4, positions=True, context_dim=24)).eval()
+    with torch.no_grad():
+        delta = (reads(x, 6, per_frame(text_a)) - reads(x, 6, per_frame(text_b))).view(2, 6, 16, 3, 3)
+        assert delta.abs().amax() > 1e-2
+        assert not torch.allclose(delta[:, 0], delta[:, 5], atol=1e-3)  # first and last frame react differently
+        # Each video reads its own caption: video 0's output does not move when only video 1's caption changes.
+        mixed = torch.stack([text_a[0], text_b[1]])
+        torch.testing.assert_close(reads(x, 6, per_frame(mixed))[:6], reads(x, 6, per_frame(text_a))[:6])
+    with pytest.raises(ValueError, match="pass the context"):
+        reads(x, 6)
+
+    # Off by default (the published layout); on, only the temporal attn2 key/value projections change shape.
+    config = dataclasses.replace(UNET_TINY, temporal_context=True)
+    plain, crossed = UNet3D(UNET_TINY).state_dict(), UNet3D(config).state_dict()
+    assert plain.keys() == crossed.keys()
+    changed = {k for k in plain if plain[k].shape != crossed[k].shape}
+    assert changed and all(("temp_attentions" in k or "transformer_in" in k) and "attn2.to_" in k for k in changed)
+    assert all(crossed[k].shape[1] == UNET_TINY.cross_attention_dim for k in changed)
+    stored = ModelConfig().to_dict()
+    stored["unet"] = {**stored["unet"], "temporal_context": True}
+    assert ModelConfig.from_dict(stored).unet.temporal_context and not UNET_FULL.temporal_context
+    x, t, context = inputs(UNET_TINY, 2, 3, 8, 8)
+    with torch.no_grad():
+        assert UNet3D(config).eval()(x, t, context).shape == x.shape
+
+
+def test_pooled_text_reaches_every_resnet_through_the_time_embedding():
+    from cinematic.models.components import ModelConfig
+
+    config = dataclasses.replace(UNET_TINY, pooled_text=True)
+    plain, pooled = UNet3D(UNET_TINY).state_dict(), UNet3D(config).state_dict()
+    assert set(pooled) - set(plain) == {f"text_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert pooled["text_embedding.linear_1.weight"].shape == (UNET_TINY.time_embed_dim, UNET_TINY.cross_attention_dim)
+    stored = ModelConfig().to_dict()
+    stored["unet"] = {**stored["unet"], "pooled_text": True}
+    assert ModelConfig.from_dict(stored).unet.pooled_text and not UNET_FULL.pooled_text
+
+    torch.manual_seed(0)
+    x, t, context = inputs(UNET_TINY, 2, 3, 8, 8)
+    other = context.clone()
+    other[:, 2] += 1.0  # one token changed
+    for cfg, moves in ((UNET_TINY, False), (config, True)):
+        model = randomize_(UNet3D(cfg)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():  # cut every cross-attention: text can only come in pooled
+                if "attn2.to_v" in name:
+                    p.zero_()
+            changed = (model(x, t, context) - model(x, t, other)).abs().amax()
+        assert (changed > 1e-3) == moves, (cfg.pooled_text, changed)
+
+
+def test_text_planes_draw_a_caption_dependent_layout_into_conv_in():
+    from cinematic.models.components import ModelConfig
+    from cinematic.models.unet3d import LAYOUT_BASIS, layout_basis
+
+    x = torch.randn(1, 4, 5, 3, 4)
+    basis = layout_basis(x)
+    assert basis.shape == (LAYOUT_BASIS, 5, 3, 4)
+    c, r, f = torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 5)
+    torch.testing.assert_close(basis[3, :, 1, :], f[:, None] * c[None, :])  # x * frame: the sign flips over the clip
+    torch.testing.assert_close(basis[4, :, :, 0], f[:, None] * r[None, :])  # y * frame
+    torch.testing.assert_close(basis[8, :, 0, 0], f * f)
+
+    config = dataclasses.replace(UNET_TINY, text_planes=2)
+    stored = ModelConfig().to_dict()
+    stored["unet"] = {**stored["unet"], "text_planes": 2}
+    assert ModelConfig.from_dict(stored).unet.text_planes == 2 and UNET_FULL.text_planes == 0
+    plain, planed = UNet3D(UNET_TINY).state_dict(), UNet3D(config).state_dict()
+    assert set(planed) - set(plain) == {"text_layout.weight", "text_layout.bias"}
+    assert planed["conv_in.weight"].shape[1] == plain["conv_in.weight"].shape[1] + 2
+
+    torch.manual_seed(0)
+    model = randomize_(UNet3D(config)).eval()
+    x, t, context = inputs(UNET_TINY, 2, 3, 8, 8)
+    other = context.clone()
+    other[1, 3] += 1.0  # one token of the second video's caption
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # cut every cross-attention: text comes in through the planes only
+            if "attn2.to_v" in name:
+                p.zero_()
+        a, b = model(x, t, context), model(x, t, other)
+        assert torch.equal(a[0], b[0]) and (a[1] - b[1]).abs().amax() > 1e-3
+        model.conv_in.weight[:, -2:] = 0  # the planes' only way in is conv_in
+        torch.testing.assert_close(model(x, t, context), model(x, t, other), rtol=0, atol=0)

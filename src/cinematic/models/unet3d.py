@@ -64,6 +64,23 @@ class UNet3DConfig:
     # frame they are (but for the zero padding at the border), so a clip's mean layout, such as "moving right starts
     # on the left", is out of their reach; with these planes it is a plain function of the input.
     coordinates: bool = False
+    # Temporal transformers whose second attention reads the text (ModelScope's TemporalTransformer with
+    # only_self_att=False) instead of the frames again. Off in the published model, where the caption reaches the
+    # network through the per-frame spatial cross-attention alone and so acts alike on every frame; the shapes model
+    # needs a word to act differently on different frames ("moving right": left early, right late).
+    temporal_context: bool = False
+    # The caption, averaged over its token positions, through a Linear-SiLU-Linear into the time embedding that every
+    # ResNet block adds (as SDXL adds its pooled text embedding, and class-conditional diffusion models their class).
+    # Off in the published model. Each word then shifts the ResNets' features directly, and with coordinate planes a
+    # shift turns on the units whose half-plane "x - v f > c" is the asked motion: a first-order path from a word to
+    # a layout that changes over frames, which cross-attention per frame does not have.
+    pooled_text: bool = False
+    # Planes drawn by the caption: the pooled text, through one Linear, gives each of ``text_planes`` input planes
+    # its coefficients on the quadratic basis of (x, y, frame) (see :func:`layout_basis`), so a word can draw a
+    # layout that moves over the clip ("moving right": a ridge along x - k * frame) straight into conv_in. Nothing
+    # else in the network makes a product of a word and the frame position on first order. Off in the published
+    # model.
+    text_planes: int = 0
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -86,6 +103,14 @@ class UNet3DConfig:
                 raise CinematicError(
                     f"UNet3DConfig: level {i} has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
                 )
+
+    @property
+    def coordinate_channels(self) -> int:
+        return (3 if self.coordinates else 0) + self.text_planes
+
+    @property
+    def temporal_context_dim(self) -> int | None:
+        return self.cross_attention_dim if self.temporal_context else None
 
     @property
     def time_embed_dim(self) -> int:
@@ -113,10 +138,19 @@ class UNet3D(nn.Module):
         self.gradient_checkpointing = False
         widths = [level.channels for level in config.levels]
         c0 = widths[0]
-        self.conv_in = nn.Conv2d(config.in_channels + (3 if config.coordinates else 0), c0, 3, padding=1)
+        self.conv_in = nn.Conv2d(config.in_channels + config.coordinate_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
+        if config.pooled_text:
+            self.text_embedding = TimestepEmbedding(config.cross_attention_dim, config.time_embed_dim)
+        if config.text_planes:
+            self.text_layout = nn.Linear(config.cross_attention_dim, config.text_planes * LAYOUT_BASIS)
         self.transformer_in = TemporalTransformer(
-            c0, config.transformer_in_heads, config.head_dim, config.norm_groups, config.frame_positions
+            c0,
+            config.transformer_in_heads,
+            config.head_dim,
+            config.norm_groups,
+            config.frame_positions,
+            config.temporal_context_dim,
         )
         self.down_blocks = nn.ModuleList(self._down_blocks(config))
         self.mid_block = MidBlock3D(widths[-1], config)
@@ -170,13 +204,19 @@ class UNet3D(nn.Module):
             deep = cache.lookup(x, context)
         levels = len(self.down_blocks) if deep is None else cache.depth
         # Time embedding and text context are per video; every frame gets its video's copy.
-        temb = self.embed_time(t, b, x.device).repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
+        temb = self.embed_time(t, b, x.device)
+        if self.config.pooled_text:
+            temb = temb + self.text_embedding(context.mean(dim=1))  # [B,L,D] -> [B,D] -> [B,E]
+        temb = temb.repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
         context_f = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
 
         if self.config.coordinates:
             x = torch.cat([x, coordinate_planes(x)], dim=1)
+        if self.config.text_planes:
+            weights = self.text_layout(context.mean(dim=1)).view(b, self.config.text_planes, LAYOUT_BASIS)
+            x = torch.cat([x, torch.einsum("bpk,kfhw->bpfhw", weights, layout_basis(x))], dim=1)
         h = self.conv_in(fold_frames(x))  # [B,C,F,H,W] -> [(B F),C,H,W]
-        h = self.transformer_in(h, frames)
+        h = self.transformer_in(h, frames, context_f)
         skips = [h]
         for i, down in enumerate(self.down_blocks[:levels]):
             # A cached step skips the last kept level's downsampler: only the deeper levels read its output.
@@ -199,6 +239,16 @@ class UNet3D(nn.Module):
 
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
         return unfold_frames(h, frames)  # [(B F),C,H,W] -> [B,C,F,H,W]
+
+
+LAYOUT_BASIS = 9
+
+
+def layout_basis(x: torch.Tensor) -> torch.Tensor:
+    """``[9, F, H, W]``: x, y, f, x*f, y*f, x*y, x^2, y^2, f^2 over ``x``'s frames and pixels (each axis from -1 to
+    1), in ``x``'s dtype: enough for a bump that slides along any axis-aligned or diagonal line over time."""
+    c, r, f = coordinate_planes(x[:1])[0]
+    return torch.stack([c, r, f, c * f, r * f, c * r, c * c, r * r, f * f])
 
 
 def coordinate_planes(x: torch.Tensor) -> torch.Tensor:

@@ -161,30 +161,48 @@ def frame_embedding(frames: int, width: int, device: torch.device, dtype: torch.
 class TemporalTransformer(nn.Module):
     """Transformer along the frame axis, one sequence of F tokens per (video, pixel).
 
-    Both attentions are self-attention over frames. In the published model there is no positional embedding: the
+    In the published model both attentions are self-attention over frames and there is no positional embedding: the
     temporal convs are the only source of frame order. With ``positions``, a fixed sinusoidal embedding of the
     frame index (Vaswani et al. 2017, as AnimateDiff's motion modules add one) is added after ``proj_in``; it has no
-    weights, so the state dict is the same. The GroupNorm sees the 5-D tensor (statistics pooled over frames).
+    weights, so the state dict is the same. With ``context_dim``, the second attention attends to the text instead
+    (the original code's ``only_self_att=False``): each frame's query meets the caption, so a word can act
+    differently on different frames. The GroupNorm sees the 5-D tensor (statistics pooled over frames).
     """
 
-    def __init__(self, channels: int, heads: int, head_dim: int, groups: int, positions: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        groups: int,
+        positions: bool = False,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.positions = positions
         self.norm = GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
         self.proj_in = nn.Linear(channels, inner)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, head_dim)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, head_dim, context_dim)])
         self.proj_out = nn.Linear(inner, channels)
+        self.cross = context_dim is not None
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``context``: ``[(B F), L, D]`` (every frame's copy, as the spatial transformers take it) when the
+        transformer cross-attends to the text, else unused."""
         video = self.norm(unfold_frames(x, frames))  # [(B F),C,H,W] -> [B,C,F,H,W]
         b, c, f, h, w = video.shape
         seq = video.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # [B,C,F,H,W] -> [(B H W),F,C]
         seq = self.proj_in(seq)
         if self.positions:
             seq = seq + frame_embedding(f, seq.shape[-1], seq.device, seq.dtype)
+        text = None
+        if self.cross:
+            if context is None:
+                raise ValueError("this temporal transformer cross-attends to the text: pass the context")
+            text = context[::frames].repeat_interleave(h * w, dim=0)  # [(B F),L,D] -> [(B H W),L,D]
         for block in self.transformer_blocks:
-            seq = block(seq)
+            seq = block(seq, text)
         seq = self.proj_out(seq)
         # [(B H W),F,C] -> [(B F),C,H,W]
         return x + seq.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(b * f, c, h, w)
@@ -210,7 +228,9 @@ class _LayerStack(nn.Module):
                 for _ in range(attention_layers)
             )
             self.temp_attentions = nn.ModuleList(
-                TemporalTransformer(out_ch, heads, head_dim, groups, config.frame_positions)
+                TemporalTransformer(
+                    out_ch, heads, head_dim, groups, config.frame_positions, config.temporal_context_dim
+                )
                 for _ in range(attention_layers)
             )
 
@@ -218,7 +238,7 @@ class _LayerStack(nn.Module):
         return self.temp_convs[i](self.resnets[i](x, temb), frames)
 
     def _attention(self, i: int, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
-        return self.temp_attentions[i](self.attentions[i](x, context), frames)
+        return self.temp_attentions[i](self.attentions[i](x, context), frames, context)
 
     def _layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
         x = self._resnet(i, x, temb, frames)

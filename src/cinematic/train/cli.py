@@ -67,6 +67,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     _option(opt, "--batch-size", "clips per micro-batch", type=int)
     _option(opt, "--grad-accum", "micro-batches per update", type=int)
     _option(opt, "--lr", "peak learning rate (AdamW)", type=float)
+    _option(opt, "--text-lr-scale", "the text encoder's learning rate as a fraction of --lr", type=float)
     _option(opt, "--warmup-steps", "linear warm-up, then cosine decay to zero", type=int)
     _option(opt, "--weight-decay", "AdamW weight decay", type=float)
     _option(opt, "--grad-clip", "max gradient norm; 0 turns clipping off", type=float)

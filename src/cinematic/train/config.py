@@ -44,6 +44,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1  # micro-batches per update
     lr: float = 1e-4
+    text_lr_scale: float = 1.0  # the text encoder's learning rate, as a fraction of ``lr`` (UNet stage)
     warmup_steps: int = 100  # linear warm-up, then cosine decay to zero at ``steps``
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -108,7 +109,7 @@ class TrainConfig:
                 raise CinematicError(f"{name.replace('_', ' ')} must be an integer of at least {low}, not {value!r}")
 
     def _check_rates(self) -> None:
-        for name in ("lr", "weight_decay", "grad_clip", "kl_weight", "sample_guidance"):
+        for name in ("lr", "text_lr_scale", "weight_decay", "grad_clip", "kl_weight", "sample_guidance"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise CinematicError(f"{name.replace('_', ' ')} must be a finite number >= 0, not {value!r}")

@@ -178,7 +178,9 @@ class Trainer:
             for module in model.unet.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = c.dropout
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay
+        )
         self.ema = EMA(self.trainable, c.ema_decay)
         if run.state is not None:
             self.optimizer.load_state_dict(run.state["optimizer"])
@@ -188,6 +190,16 @@ class Trainer:
         self.alpha_bar = model.config.schedule.alpha_bar()
         self._preview: list[dict[str, Any]] | None = None
         self.sample_fn = sample_fn if sample_fn is not None or not c.sample_every else self._default_sampler()
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One group, or two when the text encoder learns at its own rate (``text_lr_scale``)."""
+        scale = self.config.text_lr_scale
+        text = [p for _, p in self.trainable.get("text_encoder", [])]
+        if scale == 1.0 or not text:
+            return [{"params": self.params, "lr_scale": 1.0}]
+        ids = {id(p) for p in text}
+        rest = [p for p in self.params if id(p) not in ids]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": text, "lr_scale": scale}]
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -232,7 +244,7 @@ class Trainer:
         c = self.config
         lr = learning_rate(step, c.lr, c.warmup_steps, c.steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         torch.manual_seed(derive_seed(c.seed, MODULES, step))  # the networks' dropout (CPU and CUDA)
         totals: dict[str, float] = {}
         for micro, batch in enumerate(batches):
