@@ -205,15 +205,16 @@ class UNet3D(nn.Module):
         levels = len(self.down_blocks) if deep is None else cache.depth
         # Time embedding and text context are per video; every frame gets its video's copy.
         temb = self.embed_time(t, b, x.device)
+        pooled = context.mean(dim=1) if self.config.pooled_text or self.config.text_planes else None  # [B,D]
         if self.config.pooled_text:
-            temb = temb + self.text_embedding(context.mean(dim=1))  # [B,L,D] -> [B,D] -> [B,E]
+            temb = temb + self.text_embedding(pooled)  # [B,D] -> [B,E]
         temb = temb.repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
         context_f = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
 
         if self.config.coordinates:
             x = torch.cat([x, coordinate_planes(x)], dim=1)
         if self.config.text_planes:
-            weights = self.text_layout(context.mean(dim=1)).view(b, self.config.text_planes, LAYOUT_BASIS)
+            weights = self.text_layout(pooled).view(b, self.config.text_planes, LAYOUT_BASIS)
             x = torch.cat([x, torch.einsum("bpk,kfhw->bpfhw", weights, layout_basis(x))], dim=1)
         h = self.conv_in(fold_frames(x))  # [B,C,F,H,W] -> [(B F),C,H,W]
         h = self.transformer_in(h, frames, context_f)

@@ -194,12 +194,12 @@ class Trainer:
     def _param_groups(self) -> list[dict[str, Any]]:
         """One group, or two when the text encoder learns at its own rate (``text_lr_scale``)."""
         scale = self.config.text_lr_scale
-        text = [p for _, p in self.trainable.get("text_encoder", [])]
-        if scale == 1.0 or not text:
+        if scale == 1.0 or "text_encoder" not in self.trainable:
             return [{"params": self.params, "lr_scale": 1.0}]
-        ids = {id(p) for p in text}
-        rest = [p for p in self.params if id(p) not in ids]
-        return [{"params": rest, "lr_scale": 1.0}, {"params": text, "lr_scale": scale}]
+        groups = {True: [], False: []}  # is it the text encoder's?
+        for network, named in self.trainable.items():
+            groups[network == "text_encoder"].extend(p for _, p in named)
+        return [{"params": groups[False], "lr_scale": 1.0}, {"params": groups[True], "lr_scale": scale}]
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -244,7 +244,7 @@ class Trainer:
         c = self.config
         lr = learning_rate(step, c.lr, c.warmup_steps, c.steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints older than it
         torch.manual_seed(derive_seed(c.seed, MODULES, step))  # the networks' dropout (CPU and CUDA)
         totals: dict[str, float] = {}
         for micro, batch in enumerate(batches):
