@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": MODEL.to_dict(),
         "common": COMMON,
         "stages": STAGES,
+        "other_colours": OTHER_COLOURS,
         "wall_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "torch": torch.__version__,
     }
