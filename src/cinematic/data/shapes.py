@@ -43,7 +43,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 EXTRA_PALETTE: dict[str, tuple[int, int, int]] = {"purple": (160, 50, 200)}
 BACKGROUND_LEVELS = (80, 170)  # the grey level is uniform in this range ...
 BACKGROUND_TINT = 6  # ... plus an independent per-channel offset in [-6, 6]: grey-ish, never coloured
-RADIUS_FRACTION = (0.12, 0.2)  # half the object's bounding box, as a fraction of the frame size
+# Half the object's bounding box, as a fraction of the frame size: objects of 11.5-16.6 pixels at 32x32, so that
+# a shape spans 3-4 cells of a 4x-downsampled latent (at (0.12, 0.2), the range of sessions 1-9, it spanned 2-3 and
+# a model's slight blur already rounded squares and triangles into circles; docs/shapes.md, session 10).
+RADIUS_FRACTION = (0.18, 0.26)
 MIN_TRAVEL_FRACTION = 0.35  # distance travelled over the clip, as a fraction of the frame size
 FPS = 8
 
