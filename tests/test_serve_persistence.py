@@ -43,13 +43,6 @@ def reference_frames(prompt: str, seed: int, folder: Path, metadata: dict):
     return video.read(clip.save(folder / f"reference-{seed}.mp4")).frames
 
 
-@pytest.mark.xfail(
-    reason="known bug, open: with the session-10 shapes model a served video is sometimes not bitwise the library's "
-    "for the same job, with no crash and one request at a time too; each job's frames are either exact or one fixed "
-    "alternative (15-23 levels away after H.264), depending on timing. The bookkeeping asserts before the pixel "
-    "check hold",
-    strict=False,
-)
 def test_kill_9_during_a_generation_loses_nothing(tmp_path):
     data = tmp_path / "data"
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
@@ -99,9 +92,13 @@ def test_kill_9_during_a_generation_loses_nothing(tmp_path):
         served.write_bytes(files[i])
         got = video.read(served)
         assert got.metadata["id"] == i and got.metadata["seed"] == seed
-        assert torch.equal(
-            torch.from_numpy(got.frames), torch.from_numpy(reference_frames(prompt, seed, tmp_path, got.metadata))
-        ), f"{i} (seed {seed}) equals the run without the crash"
+        reference = reference_frames(prompt, seed, tmp_path, got.metadata)
+        if not torch.equal(torch.from_numpy(got.frames), torch.from_numpy(reference)):
+            # Only this check is expected to fail; everything above must hold. Known bug, open: with the session-10
+            # shapes model a served video is sometimes not bitwise the library's for the same job, with no crash
+            # and one request at a time too; each job's frames are either exact or one fixed alternative (15-23
+            # levels away after H.264), depending on timing.
+            pytest.xfail(f"{i} (seed {seed}) differs from the run without the crash: the open server-path bug")
 
 
 def params(seed: int = 1) -> Params:
