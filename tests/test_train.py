@@ -190,6 +190,35 @@ def test_dropout_option_reaches_the_unet(vae_run: Path, tmp_path: Path):
         TrainConfig(tmp_path / "bad", dropout=1.5)
 
 
+def test_logit_normal_timesteps_centre_the_draws_and_uniform_keeps_its_draws():
+    from cinematic.train.unet import draw_timesteps
+
+    # uniform is exactly the draw it always was, so runs recorded before the option continue unchanged
+    uniform = draw_timesteps(4096, 1000, torch.Generator().manual_seed(3), "uniform", 0.0, 1.0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(3)))
+    middle = draw_timesteps(4096, 1000, torch.Generator().manual_seed(3), "logit-normal", 0.0, 1.0)
+    assert middle.dtype == torch.int64 and 0 <= int(middle.min()) and int(middle.max()) <= 999
+    # P(0.25 < sigmoid(z) < 0.75) = P(|z| < ln 3) = 0.73 for z ~ N(0, 1), against 0.5 for uniform draws
+    assert 0.70 < float(((middle >= 250) & (middle < 750)).float().mean()) < 0.76
+    assert 0.47 < float(((uniform >= 250) & (uniform < 750)).float().mean()) < 0.53
+    later = draw_timesteps(4096, 1000, torch.Generator().manual_seed(3), "logit-normal", 1.0, 1.0)
+    assert 0.68 < float(later.float().mean()) / 1000 < 0.71  # E[sigmoid(1 + z)] = 0.697
+
+
+def test_timestep_sampling_reaches_the_loss_and_bad_values_are_refused(vae_run: Path, tmp_path: Path):
+    common = {"init": str(vae_run / "model"), "steps": 1, **FAST}
+    train(TrainConfig(tmp_path / "uniform", **common))
+    train(TrainConfig(tmp_path / "late", timestep_sampling="logit-normal", timestep_mean=3.0, **common))
+    assert losses(tmp_path / "late") != losses(tmp_path / "uniform")
+    assert json.loads((tmp_path / "late" / "run.json").read_text())["timestep_sampling"] == "logit-normal"
+    with pytest.raises(CinematicError, match="timestep sampling must be one of uniform, logit-normal, not 'cosine'"):
+        TrainConfig(tmp_path / "a", timestep_sampling="cosine")
+    with pytest.raises(CinematicError, match="timestep std must be positive, not 0"):
+        TrainConfig(tmp_path / "b", timestep_std=0)
+    with pytest.raises(CinematicError, match="timestep mean must be a finite number, not nan"):
+        TrainConfig(tmp_path / "c", timestep_mean=float("nan"))
+
+
 def bad_config(out: Path, data: str) -> TrainConfig:
     return TrainConfig(out, stage="vae", preset="tiny", data=data, steps=1, **FAST)
 

@@ -4,6 +4,7 @@ behind when they fail. Frames are tiny (48x64, 6 frames) so the whole file runs 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -111,6 +112,34 @@ def test_mp4_is_browser_ready(tmp_path: Path) -> None:
         frame = next(container.decode(stream))
         assert (frame.colorspace, frame.color_range) == (1, 1)  # tagged BT.709, limited range
     assert video.read(path).metadata == METADATA
+
+
+# Encodes frames that once came out differently from run to run, and prints the file's hash.
+_ENCODE_SCRIPT = """
+import hashlib, sys
+import numpy as np
+from cinematic import video
+from cinematic.data.shapes import render_clip
+frames = render_clip("a green triangle moving right", 12).astype(np.int16)
+frames += np.random.default_rng(0).integers(-6, 7, frames.shape, dtype=np.int16)
+frames = np.ascontiguousarray(np.repeat(np.clip(frames, 0, 255).astype(np.uint8), 3, axis=2))  # 32 x 96
+print(hashlib.sha256(video.write(sys.argv[1], frames, fps=8, metadata={"id": "x"}).read_bytes()).hexdigest())
+"""
+
+
+def test_mp4_bytes_depend_on_the_frames_alone(tmp_path: Path) -> None:
+    # glibc's MALLOC_PERTURB_ fills new allocations with a pattern: an encoder that reads memory it never wrote
+    # (libx264's AVX-512 code on frames that are not a multiple of 128 wide, see video._x264_cpu_options) writes a
+    # different file under each pattern. Three processes, three patterns, one file.
+    hashes = set()
+    for pattern in ("0", "85", "170"):
+        env = {**os.environ, "MALLOC_PERTURB_": pattern}
+        out = tmp_path / f"clip-{pattern}.mp4"
+        command = [sys.executable, "-c", _ENCODE_SCRIPT, str(out)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        hashes.add(result.stdout.strip())
+    assert len(hashes) == 1, hashes
 
 
 def test_webm_is_vp9_with_metadata(tmp_path: Path) -> None:

@@ -284,9 +284,12 @@ def _mux(
 ) -> None:
     import av
 
+    options = encoding.codec_options
+    if encoding.codec == "libx264":
+        options = {**options, **_x264_cpu_options()}
     with av.open(str(tmp), "w", format=encoding.format, options=encoding.container_options) as container:
         container.metadata.update(tags)
-        stream = container.add_stream(encoding.codec, rate=rate, options=encoding.codec_options)
+        stream = container.add_stream(encoding.codec, rate=rate, options=options)
         stream.height, stream.width = size
         stream.pix_fmt = encoding.pix_fmt
         if encoding.chroma_loc:
@@ -295,6 +298,20 @@ def _mux(
             frame.pts = index  # in units of the codec's time base, 1 / rate
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+
+
+def _x264_cpu_options() -> dict[str, str]:
+    """On a CPU with AVX-512, hold libx264 to its AVX2 code: encodes then depend on the frames alone.
+
+    With its AVX-512 functions, the libx264 in PyAV's wheels (measured with PyAV 18.1 on an AMD EPYC, 2026-11-26)
+    reads memory it never wrote whenever the frame width is not a multiple of 128 pixels (32, 64, 96, 160, 192, 448
+    and 576 wide, among others): the same frames then encode to a different file from run to run, up to ~20 levels
+    apart once decoded. Filling fresh allocations with a pattern (glibc's ``MALLOC_PERTURB_``) changes the output,
+    which is how the reads show; held to AVX2 the output is the same under every pattern, and as small. The same
+    run-to-run differences had been taken for a bug of the server (``tests/test_video.py`` holds the check)."""
+    import torch
+
+    return {"x264-params": "asm=AVX2"} if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
 
 
 def _tag_bt709(codec_context: Any) -> None:

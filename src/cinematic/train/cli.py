@@ -10,7 +10,15 @@ import argparse
 import dataclasses
 from typing import Any
 
-from cinematic.train.config import DEFAULT_PARTS, PARTS, PRECISIONS, SAVE_DTYPES, STAGES, TrainConfig
+from cinematic.train.config import (
+    DEFAULT_PARTS,
+    PARTS,
+    PRECISIONS,
+    SAVE_DTYPES,
+    STAGES,
+    TIMESTEP_SAMPLINGS,
+    TrainConfig,
+)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
@@ -73,6 +81,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     _option(opt, "--grad-clip", "max gradient norm; 0 turns clipping off", type=float)
     _option(opt, "--ema-decay", "EMA of the weights that is saved; 0 saves the raw weights", type=float)
     _option(opt, "--caption-dropout", "fraction of captions replaced by '' (for guidance)", type=float)
+    _option(opt, "--timestep-sampling", "UNet stage: how training timesteps are drawn", choices=TIMESTEP_SAMPLINGS)
+    _option(opt, "--timestep-mean", "logit-normal timesteps: mean of the normal draw", type=float)
+    _option(opt, "--timestep-std", "logit-normal timesteps: its standard deviation", type=float)
     _option(opt, "--dropout", "UNet dropout while training (default: the model's)", type=float)
     _option(opt, "--kl-weight", "VAE stage: weight of the KL term", type=float)
     _option(opt, "--gradient-checkpointing", "recompute activations in the backward pass", action="store_true")

@@ -19,6 +19,7 @@ STAGES = ("vae", "unet")
 PARTS = {"vae": ("vae", "decoder"), "unet": ("unet", "temporal", "text")}
 DEFAULT_PARTS = {"vae": "vae", "unet": "unet+text"}
 PRECISIONS = ("bf16", "fp32")
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -54,6 +55,12 @@ class TrainConfig:
     # The UNet's dropout while training: both references train with 0.1 in the temporal convs. None keeps that;
     # 0 suits training from scratch on endless generated data, where nothing is overfitted and updates are scarce.
     dropout: float | None = None
+    # UNet stage: how training timesteps are drawn. "uniform" over the schedule, or "logit-normal": t / T is the
+    # sigmoid of a normal draw of ``timestep_mean`` and ``timestep_std`` (Esser et al. 2024, sec. 3.1), which puts
+    # more of the updates on the middle noise levels, where the object's outline is decided, and fewer on both ends.
+    timestep_sampling: str = "uniform"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     kl_weight: float = 1e-6  # VAE stage: weight of the per-element KL against the L1 + L2 reconstruction
     parts: str | None = None  # what trains, "+"-joined from PARTS[stage]; None: DEFAULT_PARTS[stage]
     gradient_checkpointing: bool = False
@@ -89,6 +96,16 @@ class TrainConfig:
         self._check_rates()
         if self.precision not in (None, *PRECISIONS):
             raise CinematicError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise CinematicError(
+                f"timestep sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, not {self.timestep_sampling!r}"
+            )
+        for name in ("timestep_mean", "timestep_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise CinematicError(f"{name.replace('_', ' ')} must be a finite number, not {value!r}")
+        if not self.timestep_std > 0:
+            raise CinematicError(f"timestep std must be positive, not {self.timestep_std!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise CinematicError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:

@@ -208,7 +208,8 @@ class Trainer:
         c = self.config
         if c.stage == "vae":
             return vae_loss(self.model, batch, rng, c.kl_weight, self.autocast)
-        return unet_loss(self.model, batch, rng, self.alpha_bar, c.caption_dropout, self.autocast)
+        timesteps = (c.timestep_sampling, c.timestep_mean, c.timestep_std)
+        return unet_loss(self.model, batch, rng, self.alpha_bar, c.caption_dropout, self.autocast, timesteps)
 
     def fit(self) -> Path:
         c, start = self.config, self.run.start_step

@@ -1,10 +1,10 @@
 """The UNet stage: ε- or v-prediction on frozen VAE latents (DDPM, Ho et al. 2020, eq. 14), and sample videos.
 
-``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` at ``t`` uniform over the training schedule, and the
-loss is ``mean (eps_theta(x_t, t, text) - eps)^2``, or, for a model whose schedule says ``"v_prediction"``, the same
-against ``v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0`` (Salimans & Ho 2022). Per step that is the ε loss
-weighted by ``1 / alpha_bar_t``: the noisiest steps, where only the caption tells what the clip holds, weigh most.
-Captions are dropped to "" at random so the same network also
+``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`` at ``t`` uniform over the training schedule (or
+logit-normal, see :func:`draw_timesteps`), and the loss is ``mean (eps_theta(x_t, t, text) - eps)^2``, or, for a
+model whose schedule says ``"v_prediction"``, the same against ``v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t)
+x0`` (Salimans & Ho 2022). Per step that is the ε loss weighted by ``1 / alpha_bar_t``: the noisiest steps, where
+only the caption tells what the clip holds, weigh most. Captions are dropped to "" at random so the same network also
 learns the unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022).
 """
 
@@ -32,10 +32,11 @@ def unet_loss(
     alpha_bar: torch.Tensor,
     caption_dropout: float,
     autocast: Callable[[], AbstractContextManager],
+    timesteps: tuple[str, float, float] = ("uniform", 0.0, 1.0),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The ε- (or v-) prediction loss of one batch. Every draw (dropped captions, posterior sample, ``t``, ``eps``)
     comes from ``rng``, on the CPU, in that order. The frozen VAE encodes in float32; text encoder and UNet run under
-    ``autocast``."""
+    ``autocast``. ``timesteps`` is ``(sampling, mean, std)``, see :func:`draw_timesteps`."""
     device = model.unet.conv_in.weight.device
     video = batch["video"].to(device)
     b = video.shape[0]
@@ -43,7 +44,7 @@ def unet_loss(
     captions = ["" if drop else caption for caption, drop in zip(batch["caption"], dropped)]
     with torch.no_grad():
         x0 = model.vae.encode_video(video, generator=rng).float()  # [B,4,F,h,w], scaled
-    t = torch.randint(0, alpha_bar.shape[0], (b,), generator=rng)
+    t = draw_timesteps(b, alpha_bar.shape[0], rng, *timesteps)
     eps = torch.randn(x0.shape, generator=rng)
     signal = alpha_bar[t].sqrt().float().view(b, 1, 1, 1, 1)  # coefficients in float64, applied in float32
     noise = (1.0 - alpha_bar[t]).sqrt().float().view(b, 1, 1, 1, 1)
@@ -57,6 +58,15 @@ def unet_loss(
         pred = model.unet(x_t, t.to(device, torch.float32), context)
     target = prediction_target(model.config.schedule.prediction_type, x0, eps, signal.to(device), noise.to(device))
     return F.mse_loss(pred.float(), target), {}
+
+
+def draw_timesteps(n: int, steps: int, rng: torch.Generator, sampling: str, mean: float, std: float) -> torch.Tensor:
+    """``n`` training timesteps in ``[0, steps)``: uniform, or logit-normal (``t / steps`` is the sigmoid of a normal
+    draw, so ``mean = 0`` centres them on the middle of the schedule and a larger ``std`` spreads them out)."""
+    if sampling == "uniform":
+        return torch.randint(0, steps, (n,), generator=rng)
+    u = torch.sigmoid(mean + std * torch.randn(n, generator=rng, dtype=torch.float64))
+    return (u * steps).long().clamp_(0, steps - 1)
 
 
 def prompt_sampler(
