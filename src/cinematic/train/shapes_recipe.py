@@ -7,9 +7,11 @@ replace ``src/cinematic/assets/shapes/``, and ``recipe.json`` beside them record
 time of each run.
 
 Sizes were chosen for time, not for headroom: 32x32 clips of 16 frames, a VAE with a 4x downsampling (8x8x4
-latents), a two-level UNet of 32 and 64 channels and a two-layer, 64-wide text encoder. Small networks on a loaded
-2-core machine run faster on one intra-op thread than on two (two threads spend their time in barriers when
-another process holds a core), so ``THREADS`` is 1.
+latents), a two-level UNet of 48 and 64 channels and a two-layer, 64-wide text encoder. ``THREADS`` gives each run's
+intra-op threads: the UNet run, which is most of the time, uses both cores (0.73-0.8 s a step with two threads on an
+idle machine, about 1.2 s with one); the two VAE runs keep the one thread they were measured and made with (small
+networks on a 2-core machine that is also doing something else run faster on one thread than on two, which then
+wait on each other).
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from cinematic.models.vae import VAEConfig
 REPO = Path(__file__).resolve().parents[3]
 DEST = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 WORK = REPO / "build" / "shapes-recipe"
-THREADS = 1
+THREADS = {"vae": 1, "unet": 2, "decoder": 1}
 
 MODEL = ModelConfig(
     unet=UNet3DConfig(
-        levels=(UNetLevel(32, True), UNetLevel(64, True)),
+        # 48 channels at the 8x8 level, where corners are drawn (32 drew squares right in 16% of videos), in heads of
+        # 16 (so three at 8x8 and four at 4x4; docs/shapes.md, session 11).
+        levels=(UNetLevel(48, True), UNetLevel(64, True)),
         layers_per_block=1,
-        head_dim=32,
+        head_dim=16,
         cross_attention_dim=64,
         norm_groups=8,
         transformer_in_heads=1,
@@ -158,6 +162,9 @@ def run_stage(stage: str, work: Path, resume: bool, **start: Any) -> tuple[Path,
     spent = json.loads(timing.read_text())["seconds"] if resume and timing.is_file() else 0.0
     if resume and (out / "model" / "model.json").is_file():
         return out / "model", spent
+    import torch
+
+    torch.set_num_threads(THREADS[stage])
     fields = {"stage": stage, **COMMON, **STAGES[stage], **start}
     config = TrainConfig(out=out, resume=resume, **fields)
     dataset = MixedFrames(config.seed, other_colours=OTHER_COLOURS) if config.stage == "vae" else None
@@ -197,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(THREADS)
     args.work.mkdir(parents=True, exist_ok=True)
     preset = args.work / "preset.json"
     preset.write_text(json.dumps(MODEL.to_dict(), indent=2) + "\n")
