@@ -55,9 +55,10 @@ def test_seen_captions_meet_the_seen_bar(pipe):
         for caption, frames in zip(CAPTIONS, generate(pipe, CAPTIONS, seed, steps=50, guidance=9.0, sampler="ddim")):
             assert frames.shape == (16, 32, 32, 3)
             videos[caption].append(frames)
-    seen = evaluate(videos).seen
+    report = evaluate(videos)
+    seen = report.seen
     assert seen.clips == len(CAPTIONS) * len(SEEDS)
-    assert seen.all >= 0.9 and min(seen.colour, seen.shape, seen.direction) >= 0.9, evaluate(videos).table()
+    assert seen.all >= 0.9 and min(seen.colour, seen.shape, seen.direction) >= 0.9, report.table()
 
 
 def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
