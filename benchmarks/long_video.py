@@ -8,9 +8,11 @@ Three measurements, printed as a table and optionally written as JSON:
 2. **Direction switch**: ``"0: a red circle moving right | 32: a red circle moving left"`` (each caption against its
    opposite direction); a video passes when frames 0-31 move the first way and frames 32-63 the other.
 3. **Memory**: peak RSS of a whole generation (load, sample, decode) of 16 frames and of ``--frames`` frames, each
-   in its own child process, and their ratio.
+   in its own child process, and their ratio: at the model's size, and at ``--memory-size`` (256x256, two steps;
+   the peak does not depend on the step count), where the UNet's activations, not the interpreter, make the peak.
+   Beside them, ``--frames`` frames in one piece (``window=0``), to show what the windows save.
 
-    .venv/bin/python benchmarks/long_video.py --seeds 2 --json build/long-video.json
+    .venv/bin/python benchmarks/long_video.py --json build/long-video.json
 """
 
 from __future__ import annotations
@@ -79,15 +81,16 @@ import resource, sys, torch
 torch.set_num_threads(1)
 from cinematic.pipeline import Pipeline
 pipe = Pipeline.from_pretrained({model!r})
-video = pipe("a red circle moving right", num_frames={frames}, steps={steps}, seed=0, progress=False)
+video = pipe("a red circle moving right", num_frames={frames}, steps={steps}, seed=0, progress=False, **{extra!r})
 assert video.frames.shape[0] == {frames}
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_rss_mb(model: str, frames: int, steps: int) -> float:
-    """Peak RSS (MiB) of a child process that loads the model and makes one ``frames``-frame video."""
-    code = CHILD.format(model=model, frames=frames, steps=steps)
+def peak_rss_mb(model: str, frames: int, steps: int, **extra) -> float:
+    """Peak RSS (MiB) of a child process that loads the model and makes one ``frames``-frame video (``extra``: more
+    arguments of the call, such as ``height``)."""
+    code = CHILD.format(model=model, frames=frames, steps=steps, extra=extra)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return int(out.split()[-1]) / 1024  # Linux reports KiB
 
@@ -97,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--captions", type=int, default=8, help="training captions to use (default 8)")
-    parser.add_argument("--seeds", type=int, default=2, help="videos per caption (default 2)")
+    parser.add_argument("--seeds", type=int, default=8, help="videos per caption (default 8)")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--memory-size", type=int, default=256, help="frame size of the second memory row")
     parser.add_argument("--skip", nargs="*", default=[], choices=["consistency", "switch", "memory"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -122,6 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         short, long = peak_rss_mb(args.model, 16, args.steps), peak_rss_mb(args.model, args.frames, args.steps)
         report["memory"] = {"peak_rss_mb_16": round(short, 1), f"peak_rss_mb_{args.frames}": round(long, 1)}
         report["memory"]["ratio"] = round(long / short, 3)
+        size = dict(height=args.memory_size, width=args.memory_size)
+        short, long = peak_rss_mb(args.model, 16, 2, **size), peak_rss_mb(args.model, args.frames, 2, **size)
+        whole = peak_rss_mb(args.model, args.frames, 2, window=0, **size)
+        report["memory_at_size"] = {
+            "size": args.memory_size,
+            "steps": 2,
+            "peak_rss_mb_16": round(short, 1),
+            f"peak_rss_mb_{args.frames}": round(long, 1),
+            f"peak_rss_mb_{args.frames}_one_piece": round(whole, 1),
+            "ratio": round(long / short, 3),
+            "ratio_one_piece": round(whole / short, 3),
+        }
 
     print(f"| measurement ({args.frames} frames, {args.captions} captions x {args.seeds} seeds) | result | bar |")
     print("| --- | --- | --- |")
@@ -134,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in report:
         m = report["memory"]
         print(f"| peak RSS, {args.frames} frames / 16 frames | {m['ratio']:.2f}x | <= 1.3x |")
+        m = report["memory_at_size"]
+        size = f"{m['size']}x{m['size']}"
+        print(f"| peak RSS at {size}, {args.frames} frames / 16 frames | {m['ratio']:.2f}x | <= 1.3x |")
+        print(f"| ... {args.frames} frames in one piece (`window=0`) / 16 frames | {m['ratio_one_piece']:.2f}x | |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,6 @@ from cinematic.diffusion.windows import (
     frame_prompts,
     parse_prompt_schedule,
     reschedule_noise,
-    tent,
     window_features,
     window_starts,
 )
@@ -67,11 +66,6 @@ def test_windows_cover_every_frame_and_end_on_the_last(frames, window, stride):
     assert window_starts(12, 16, 8) == [0]
 
 
-def test_tent_weights_favour_the_middle():
-    assert tent(6).tolist() == [1, 2, 3, 3, 2, 1]
-    assert tent(5).tolist() == [1, 2, 3, 2, 1]
-
-
 def test_fusion_of_a_per_frame_network_is_that_network():
     """When every frame's output depends on that frame alone, all windows agree, and the fused result must equal
     the network run on the whole clip: the weights are normalised per frame."""
@@ -99,8 +93,18 @@ def test_fusion_runs_each_window_on_its_frames():
     starts = window_starts(10, 4, 3)  # [0, 3, 6]
     out = WindowedEps([model(k) for k in range(3)], starts, 4)(x, torch.tensor([1.0]))
     assert seen == [(0, [0, 1, 2, 3]), (1, [3, 4, 5, 6]), (2, [6, 7, 8, 9])]
-    # Frame 3 is the last of window 0 (weight 1) and the first of window 1 (weight 1): the mean of 0 and 1.
+    # Frame 3 is the last of window 0 and the first of window 1: the mean of 0 and 1.
     assert out[0, 0, :, 0, 0].tolist() == [0, 0, 0, 0.5, 1, 1, 1.5, 2, 2, 2]
+
+
+def test_fusion_is_the_plain_mean_wherever_a_frame_sits_in_its_windows():
+    def constant(k):
+        return lambda x, t: torch.full_like(x, float(k))
+
+    x = torch.zeros(1, 1, 8, 1, 1)
+    starts = window_starts(8, 4, 2)  # [0, 2, 4]: frame 2 is window 0's third frame and window 1's first
+    out = WindowedEps([constant(k) for k in (0, 3, 6)], starts, 4)(x, torch.tensor([1.0]))
+    assert out[0, 0, :, 0, 0].tolist() == [0, 0, 1.5, 1.5, 4.5, 4.5, 6, 6]
 
 
 def test_rescheduled_noise_repeats_shuffled_blocks():

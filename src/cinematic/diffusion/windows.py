@@ -8,9 +8,10 @@ step, in the manner of FreeNoise (Qiu et al. 2023), with two choices of our own:
   keeps activation memory at one window's, whatever the length, and works unchanged with any checkpoint, the fast
   modes and the conditioning of :mod:`cinematic.conditioning`. The cost is the overlap: windows of ``W`` frames every
   ``S`` frames evaluate about ``W / S`` times the frames (2x at the default ``S = W / 2``).
-- **Fusion by a tent weight**: frame ``i`` of a window counts ``min(i + 1, W - i)``, so a frame's prediction comes
-  mostly from the windows it sits in the middle of, and window edges (where the temporal convolutions see zero
-  padding) count least. Each frame's prediction is the weighted mean over the windows holding it.
+- **Fusion by the plain mean**: each frame's prediction is the mean of those of the windows holding it. Weighting
+  frames by their distance from the window's edges (FreeNoise's choice) couples neighbouring windows less, and with
+  the shapes model the object changed shape from window to window more often (measured in the README, "Long videos
+  and prompt schedules").
 
 **Noise rescheduling** (FreeNoise): only the first window's noise is drawn (so its frames start exactly where a
 ``W``-frame video of the same seed starts); each later block of ``S`` frames reuses the noise of the block ``W``
@@ -82,12 +83,6 @@ def window_starts(frames: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def tent(window: int) -> Tensor:
-    """Fusion weight of each frame of a window: ``min(i + 1, window - i)``, float64."""
-    i = torch.arange(window, dtype=torch.float64)
-    return torch.minimum(i + 1, window - i)
-
-
 def reschedule_noise(first: Tensor, frames: int, stride: int, generator: torch.Generator) -> Tensor:
     """FreeNoise's noise for ``frames`` frames from the first window's ``first`` [B, C, W, h, w]: block ``[i, i +
     stride)`` (``i >= W``) is block ``[i - W, i - W + stride)`` with its frames in an order drawn from ``generator``."""
@@ -105,8 +100,8 @@ def reschedule_noise(first: Tensor, frames: int, stride: int, generator: torch.G
 @dataclass
 class WindowedEps:
     """A guided network over a long clip: ``models[k]`` (each ``(x, t) -> eps`` for one window, with its own
-    conditioning and fast-mode state) runs on frames ``[starts[k], starts[k] + window)``; outputs are fused with
-    :func:`tent` weights. Frames are axis 2 of ``x`` [B, C, F, h, w]."""
+    conditioning and fast-mode state) runs on frames ``[starts[k], starts[k] + window)``; each frame's output is the
+    mean over the windows holding it. Frames are axis 2 of ``x`` [B, C, F, h, w]."""
 
     models: Sequence[GuidedFn]
     starts: Sequence[int]
@@ -117,14 +112,12 @@ class WindowedEps:
             raise ValueError(f"{len(self.models)} window models for {len(self.starts)} windows")
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        weight = tent(self.window).to(x.device, x.dtype).view(1, 1, -1, 1, 1)
         total = torch.zeros_like(x)
-        norm = torch.zeros((1, 1, x.shape[2], 1, 1), dtype=x.dtype, device=x.device)
+        count = torch.zeros((1, 1, x.shape[2], 1, 1), dtype=x.dtype, device=x.device)
         for model, s in zip(self.models, self.starts):
-            out = model(x[:, :, s : s + self.window], t)
-            total[:, :, s : s + self.window] += weight * out
-            norm[:, :, s : s + self.window] += weight
-        return total / norm
+            total[:, :, s : s + self.window] += model(x[:, :, s : s + self.window], t)
+            count[:, :, s : s + self.window] += 1
+        return total / count
 
 
 def window_features(features: Tensor, frame_prompt: Sequence[int], starts: Sequence[int], window: int) -> list[Tensor]:
