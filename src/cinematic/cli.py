@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         "length, 16); 0 runs the whole clip at once",
     )  # fmt: skip
     long.add_argument(
-        "--window-stride", type=int, metavar="S", help="frames between window starts (default W/2; smaller is "
-        "smoother and slower)",
+        "--window-stride", type=int, metavar="S", help="frames between window starts (default W/2; the UNet "
+        "work is about W/S times one pass's)",
     )  # fmt: skip
     gen.add_argument("--tokenizer", help="folder with vocab.json and merges.txt, for ModelScope folders without one")
     gen.add_argument(
