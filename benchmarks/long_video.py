@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         short, long = peak_rss_mb(args.model, 16, args.steps), peak_rss_mb(args.model, args.frames, args.steps)
         report["memory"] = {"peak_rss_mb_16": round(short, 1), f"peak_rss_mb_{args.frames}": round(long, 1)}
         report["memory"]["ratio"] = round(long / short, 3)
-        size = dict(height=args.memory_size, width=args.memory_size)
-        short, long = peak_rss_mb(args.model, 16, 2, **size), peak_rss_mb(args.model, args.frames, 2, **size)
-        whole = peak_rss_mb(args.model, args.frames, 2, window=0, **size)
+        sized = dict(height=args.memory_size, width=args.memory_size, steps=2)
+        short, long = peak_rss_mb(args.model, 16, **sized), peak_rss_mb(args.model, args.frames, **sized)
+        whole = peak_rss_mb(args.model, args.frames, window=0, **sized)
         report["memory_at_size"] = {
             "size": args.memory_size,
             "steps": 2,
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         m = report["memory"]
         print(f"| peak RSS, {args.frames} frames / 16 frames | {m['ratio']:.2f}x | <= 1.3x |")
         m = report["memory_at_size"]
-        size = f"{m['size']}x{m['size']}"
-        print(f"| peak RSS at {size}, {args.frames} frames / 16 frames | {m['ratio']:.2f}x | <= 1.3x |")
+        at = f"{m['size']}x{m['size']}"
+        print(f"| peak RSS at {at}, {args.frames} frames / 16 frames | {m['ratio']:.2f}x | <= 1.3x |")
         print(f"| ... {args.frames} frames in one piece (`window=0`) / 16 frames | {m['ratio_one_piece']:.2f}x | |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

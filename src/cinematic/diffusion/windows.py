@@ -9,7 +9,7 @@ step, in the manner of FreeNoise (Qiu et al. 2023), with two choices of our own:
   modes and the conditioning of :mod:`cinematic.conditioning`. The cost is the overlap: windows of ``W`` frames every
   ``S`` frames evaluate about ``W / S`` times the frames (2x at the default ``S = W / 2``).
 - **Fusion by the plain mean**: each frame's prediction is the mean of those of the windows holding it. Weighting
-  frames by their distance from the window's edges (FreeNoise's choice) couples neighbouring windows less, and with
+  frames by their distance from the window's edges (a FreeNoise-style tent) couples neighbouring windows less, and with
   the shapes model the object changed shape from window to window more often (measured in the README, "Long videos
   and prompt schedules").
 
