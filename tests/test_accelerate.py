@@ -105,8 +105,8 @@ def test_accelerate_settings_are_checked(folder):
     ],
 )
 def test_generate_rejects_bad_acceleration_settings(folder, tmp_path, capsys, extra, message):
-    args = ["generate", "a cat", "-o", str(tmp_path / "c.mp4"), "--model", str(folder), "--steps", "1"]
-    assert main([*args, "--frames", "2", "--height", "32", "--width", "32", *extra]) == 2
+    args = ["generate", "a cat", "-o", str(tmp_path / "c.mp4"), "--model", str(folder), "--num-inference-steps", "1"]
+    assert main([*args, "--num-frames", "2", "--height", "32", "--width", "32", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []

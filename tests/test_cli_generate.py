@@ -14,7 +14,7 @@ from cinematic import video
 from cinematic.cli import main
 from tests.factories import make_diffusers_folder
 
-QUICK = ["--steps", "2", "--frames", "2", "--height", "32", "--width", "32"]
+QUICK = ["--num-inference-steps", "2", "--num-frames", "2", "--height", "32", "--width", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,11 @@ def test_generate_writes_video_with_metadata(model, tmp_path, capsys):
     assert f"wrote {out} (seed 42)" in printed.out
     clip = video.read(out)
     assert clip.frames.shape == (2, 32, 32, 3) and clip.fps == 8
-    assert clip.metadata["prompt"] == "a red cat" and clip.metadata["seed"] == 42 and clip.metadata["steps"] == 2
+    assert (
+        clip.metadata["prompt"] == "a red cat"
+        and clip.metadata["seed"] == 42
+        and clip.metadata["num_inference_steps"] == 2
+    )
 
 
 def test_random_seed_is_printed_and_reproduces(model, tmp_path, capsys, monkeypatch):
@@ -58,13 +62,14 @@ def test_several_videos_and_overwrite(model, tmp_path, capsys):
 
 
 BAD = {
-    "frames < 1": (["--frames", "0"], "at least 1"),
-    "height not multiple of 8": (["--height", "100"], "height must be a multiple of 8"),
-    "width too large": (["--width", "4096"], "width must be"),
-    "steps < 1": (["--steps", "0"], "at least 1"),
-    "nan guidance": (["--guidance", "nan"], "guidance must be"),
-    "negative guidance": (["--guidance", "-2"], "guidance must be"),
-    "unknown sampler": (["--sampler", "plms"], "unknown sampler 'plms'"),
+    "frames < 1": (["--num-frames", "0"], "num_frames: must be an integer from 1"),
+    "height not multiple of 8": (["--height", "100"], "height: must be a multiple of 8"),
+    "width too large": (["--width", "4096"], "width: must be"),
+    "steps < 1": (["--num-inference-steps", "0"], "num_inference_steps: must be an integer from 1"),
+    "nan guidance": (["--guidance-scale", "nan"], "guidance_scale: must be"),
+    "negative guidance": (["--guidance-scale", "-2"], "guidance_scale: must be"),
+    "unknown sampler": (["--sampler", "plms"], "sampler: must be one of ddim"),
+    "not a number": (["--num-frames", "many"], "--num-frames/--frames: invalid int value: 'many'"),
     "bad extension": (["-o", "{tmp}/clip.avi"], ".avi"),
     "unwritable folder": (["-o", "/proc/clip.mp4"], "not writable"),
     "missing folder": (["-o", "{tmp}/missing/clip.mp4"], "missing"),
@@ -75,7 +80,7 @@ BAD = {
 def test_bad_input_one_line_exit_2_no_file(model, tmp_path, capsys, case):
     extra, message = BAD[case]
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
-    base = ["generate", "a cat", "--model", model, "--seed", "1", "--steps", "2", "--frames", "2"]
+    base = ["generate", "a cat", "--model", model, "--seed", "1", "--num-inference-steps", "2", "--num-frames", "2"]
     base += ["--height", "32", "--width", "32"]
     if "-o" not in extra:
         base += ["-o", str(tmp_path / "clip.mp4")]
@@ -94,7 +99,7 @@ def test_empty_prompt(model, tmp_path, capsys):
 def test_ctrl_c_during_sampling_leaves_no_file(model, tmp_path):
     out = tmp_path / "clip.mp4"
     cmd = [sys.executable, "-m", "cinematic", "generate", "a cat", "-o", str(out), "--model", model, "--seed", "1"]
-    cmd += ["--steps", "400", "--frames", "2", "--height", "32", "--width", "32"]
+    cmd += ["--num-inference-steps", "400", "--num-frames", "2", "--height", "32", "--width", "32"]
     # A job started in the background by a non-interactive shell inherits SIGINT as ignored, and Python then installs
     # no KeyboardInterrupt handler; give the child the default disposition, as a terminal's Ctrl-C would find it.
     process = subprocess.Popen(

@@ -139,9 +139,9 @@ def test_cache_settings_are_checked(unet, pipe):
     x, t, context = inputs(UNET_TINY, 1, 2, 8, 8)
     with pytest.raises(CinematicError, match="cache depth must be from 1 to 3"):
         unet(x, t, context, cache=DeepCache(depth=4))
-    with pytest.raises(CinematicError, match="cache depth must be an integer from 1 to 2"):
+    with pytest.raises(CinematicError, match="cache_depth: must be an integer from 1 to 2 for this model"):
         pipe.validate(PROMPT, cache_depth=3)
-    with pytest.raises(CinematicError, match="cache interval must be"):
+    with pytest.raises(CinematicError, match="cache_interval: must be"):
         pipe.validate(PROMPT, cache_interval=0)
 
 
@@ -207,7 +207,7 @@ def test_truncation_and_caching_together(pipe):
     assert torch.isfinite(latents).all()
     video = pipe(PROMPT, steps=2, seed=2, guidance_stop=0.5, cache_interval=2, progress=False, **SMALL)
     assert video.metadata["guidance_stop"] == 0.5 and video.metadata["cache_interval"] == 2
-    with pytest.raises(CinematicError, match="guidance stop must be a number from 0 to 1"):
+    with pytest.raises(CinematicError, match="guidance_stop: must be a number from 0 to 1"):
         pipe.validate(PROMPT, guidance_stop=1.5)
 
 
@@ -216,7 +216,7 @@ def test_truncation_and_caching_together(pipe):
 
 def fp16_stored(unet: UNet3D) -> tuple[UNet3D, UNet3D]:
     """``unet``'s weights rounded to fp16: as an fp32 network, and stored in fp16 computing in fp32."""
-    rounded = UNet3D(UNET_TINY).eval()
+    rounded = UNet3D(UNET_TINY).eval().requires_grad_(False)  # as loaded networks are: the same kernels' paths
     rounded.load_state_dict({k: v.half().float() for k, v in unet.state_dict().items()})
     stored = UNet3D(UNET_TINY).half().eval()
     stored.load_state_dict(rounded.state_dict())
@@ -336,28 +336,50 @@ def test_generate_with_every_fast_and_lean_switch(folder, tmp_path, capsys):
     from cinematic import video
 
     out = tmp_path / "clip.mp4"
-    args = ["generate", "a red cat", "-o", str(out), "--model", str(folder), "--seed", "3", "--steps", "3"]
-    args += ["--frames", "2", "--height", "32", "--width", "32", "--dtype", "fp16", "--compute", "fp32"]
+    args = [
+        "generate",
+        "a red cat",
+        "-o",
+        str(out),
+        "--model",
+        str(folder),
+        "--seed",
+        "3",
+        "--num-inference-steps",
+        "3",
+    ]
+    args += ["--num-frames", "2", "--height", "32", "--width", "32", "--dtype", "fp16", "--compute", "fp32"]
     args += ["--low-memory", "--cache-interval", "2", "--cache-depth", "2", "--guidance-stop", "0.6"]
     assert main(args) == 0, capsys.readouterr().err
     metadata = video.read(out).metadata
     assert metadata["cache_interval"] == 2 and metadata["cache_depth"] == 2 and metadata["guidance_stop"] == 0.6
-    assert main(["generate", "a cat", "-o", str(tmp_path / "q.mp4"), "--model", str(folder), "--int8", "--steps",
-                 "1", "--frames", "2", "--height", "32", "--width", "32"]) == 0  # fmt: skip
+    assert main(["generate", "a cat", "-o", str(tmp_path / "q.mp4"), "--model", str(folder), "--int8", "--num-inference-steps",
+                 "1", "--num-frames", "2", "--height", "32", "--width", "32"]) == 0  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--guidance-stop", "1.5"], "guidance stop must be a number from 0 to 1"),
-        (["--cache-interval", "0"], "--cache-interval and --cache-depth must be at least 1"),
-        (["--cache-depth", "5"], "cache depth must be an integer from 1 to 2"),
+        (["--guidance-stop", "1.5"], "guidance_stop: must be a number from 0 to 1"),
+        (["--cache-interval", "0"], "cache_interval: must be an integer from 1 to 1000"),
+        (["--cache-depth", "5"], "cache_depth: must be an integer from 1 to 2 for this model"),
         (["--int8", "--dtype", "bf16"], "int8 runs on the CPU with float32 compute only"),
     ],
 )
 def test_generate_rejects_bad_fast_mode_settings(folder, tmp_path, capsys, extra, message):
-    args = ["generate", "a cat", "-o", str(tmp_path / "c.mp4"), "--model", str(folder), "--steps", "1", "--seed", "1"]
-    assert main([*args, "--frames", "2", "--height", "32", "--width", "32", *extra]) == 2
+    args = [
+        "generate",
+        "a cat",
+        "-o",
+        str(tmp_path / "c.mp4"),
+        "--model",
+        str(folder),
+        "--num-inference-steps",
+        "1",
+        "--seed",
+        "1",
+    ]
+    assert main([*args, "--num-frames", "2", "--height", "32", "--width", "32", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []
@@ -381,11 +403,12 @@ def test_chunked_feed_forward_equals_the_whole_one():
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-def test_low_memory_sampling_runs_the_feed_forwards_in_pieces(pipe, monkeypatch):
-    from cinematic import pipeline as pipeline_module
+def test_low_memory_sampling_runs_the_feed_forwards_in_pieces(pipe):
     from cinematic.models.layers import FeedForward
+    from cinematic.pipeline import Memory
 
-    monkeypatch.setattr(pipeline_module, "LOW_MEMORY_FF_ROWS", 16)  # the tiny model's calls have 32+ rows
+    pieces = Memory(batched_guidance=False, feed_forward_rows=16)  # the tiny model's calls have 32+ rows
+    assert Memory.low().feed_forward_rows == 4096 and not Memory.low().batched_guidance
     seen = []
     hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(m.rows)) for m in pipe.model.unet.modules()
              if isinstance(m, FeedForward)]  # fmt: skip
@@ -393,7 +416,7 @@ def test_low_memory_sampling_runs_the_feed_forwards_in_pieces(pipe, monkeypatch)
         plain = pipe.sample(pipe.validate(PROMPT, steps=2, seed=0, **SMALL), progress=False)
         assert set(seen) == {None}
         seen.clear()
-        low = pipe.sample(pipe.validate(PROMPT, steps=2, seed=0, **SMALL), progress=False, low_memory=True)
+        low = pipe.sample(pipe.validate(PROMPT, steps=2, seed=0, **SMALL), progress=False, memory=pieces)
         assert set(seen) == {16}
     finally:
         for h in hooks:

@@ -189,7 +189,7 @@ def test_pipeline_switches(ours):
 
 def test_cli_flags(folder, tmp_path):
     out = tmp_path / "clip.mp4"
-    quick = ["--steps", "2", "--frames", "2", "--height", "32", "--width", "32", "--seed", "1"]
+    quick = ["--num-inference-steps", "2", "--num-frames", "2", "--height", "32", "--width", "32", "--seed", "1"]
     args = ["generate", "a cat", "-o", str(out), "--model", str(folder), "--freeu", "--freeinit", "1", *quick]
     assert main(args) == 0
     assert out.exists()

@@ -8,10 +8,10 @@ import torch
 
 from cinematic import video
 from cinematic.cli import main
-from cinematic.conditioning import Pin, encode_image, fit_frames
 from cinematic.diffusion import alpha_bar_scaled_linear, sample
 from cinematic.diffusion.schedule import ddim_sigmas
 from cinematic.errors import CinematicError
+from cinematic.generation.pictures import Pin, encode_image, fit_frames
 from cinematic.pipeline import Pipeline
 from tests.factories import make_diffusers_folder
 from tests.test_v2v import assert_within_one, smooth_clip
@@ -119,7 +119,7 @@ def test_bad_input(ours, still, tmp_path):
 
 # --- the CLI ------------------------------------------------------------------------------------------------------
 
-QUICK = ["--steps", "2", "--frames", "3", "--height", "32", "--width", "32", "--seed", "1"]
+QUICK = ["--num-inference-steps", "2", "--num-frames", "3", "--height", "32", "--width", "32", "--seed", "1"]
 
 
 def write_png(path, image: torch.Tensor):
@@ -146,8 +146,8 @@ def test_cli_init_image_and_loop(folder, ours, still, tmp_path):
         (["--init-image", "{tmp}/missing.png"], "no such init image"),
         (["--init-image", "{tmp}/junk.png"], "cannot read init image"),
         (["--init-image", "{tmp}/still.png", "--init-video", "{tmp}/still.png"], "not both"),
-        (["--loop", "--frames", "1"], "at least 2 frames"),
-        (["--freeinit", "-1"], "--freeinit must be an integer from 0 to 10"),
+        (["--loop", "--num-frames", "1"], "at least 2 frames"),
+        (["--freeinit", "-1"], "freeinit: must be an integer from 0 to 10"),
     ],
 )
 def test_cli_bad_input_one_line_no_file(folder, still, tmp_path, capsys, extra, message):

@@ -15,6 +15,7 @@ from cinematic.diffusion.windows import (
     window_starts,
 )
 from cinematic.errors import CinematicError
+from cinematic.generation.prompts import text_features
 from cinematic.pipeline import Pipeline
 from tests.factories import make_diffusers_folder
 
@@ -143,11 +144,11 @@ def test_short_clips_are_unchanged_by_the_window(pipe):
 def test_long_clip_runs_in_windows_and_starts_from_the_short_clips_noise(pipe):
     short = pipe.validate(PROMPT, num_frames=4, window=4, seed=3)
     long = pipe.validate(PROMPT, num_frames=11, window=4, window_stride=2, seed=3)
-    assert long.windowed and not short.windowed
+    assert long.settings.windowed and not short.settings.windowed
     noise, _ = pipe.initial_noise(long)
     assert noise.shape[2] == 11
     assert torch.equal(noise[:, :, :4], pipe.initial_noise(short)[0])
-    assert pipe.window_starts(long) == [0, 2, 4, 6, 7]
+    assert window_starts(11, 4, 2) == [0, 2, 4, 6, 7]
 
     calls = []
     unet_forward = pipe.model.unet.forward
@@ -175,9 +176,10 @@ def test_one_entry_schedule_is_the_plain_prompt(pipe):
 
 def test_each_window_is_conditioned_on_its_frames_prompts(pipe):
     request = pipe.validate("", prompt_schedule="0: a red cat | 6: a blue dog", num_frames=12, window=4)
-    starts = pipe.window_starts(request)
+    s = request.settings
+    starts = window_starts(s.num_frames, s.window, s.window_stride)
     assert starts == [0, 2, 4, 6, 8]
-    conds = pipe.window_conditions(request, starts)
+    conds = text_features(pipe.encode_prompts, s, request.prompts, 1, starts).windows
     red, blue = pipe.encode_prompts(["a red cat", "a blue dog"])
     torch.testing.assert_close(conds[0][0], red)
     torch.testing.assert_close(conds[2][0], (red + blue) / 2)  # frames 4-7: two of each
@@ -187,15 +189,15 @@ def test_each_window_is_conditioned_on_its_frames_prompts(pipe):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(window=1), "window must be 0"),
-        (dict(window=-2), "window must be an integer from 0"),
-        (dict(window=4, window_stride=5), "window stride must be an integer from 1 to 4"),
+        (dict(window=1), "window: must be 0"),
+        (dict(window=-2), "window: must be an integer from 0"),
+        (dict(window=4, window_stride=5), "window_stride: must be an integer from 1 to the window, 4"),
         (dict(prompt_schedule="0: a | 30: b", num_frames=16), "past the clip's last frame"),
     ],
 )
 def test_bad_window_settings_are_one_clear_error(pipe, kwargs, message):
     with pytest.raises(CinematicError, match=message):
-        pipe.validate(PROMPT, **kwargs)
+        pipe.validate(None if "prompt_schedule" in kwargs else PROMPT, **kwargs)
 
 
 def test_cli_long_video_with_a_schedule(tmp_path, capsys):
@@ -203,7 +205,7 @@ def test_cli_long_video_with_a_schedule(tmp_path, capsys):
     code = main(
         [
             "generate", "--prompt-schedule", "0: a red circle moving right | 24: a red circle moving left",
-            "--frames", "48", "--steps", "2", "--seed", "1", "-o", str(out),
+            "--num-frames", "48", "--num-inference-steps", "2", "--seed", "1", "-o", str(out),
         ]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err

@@ -176,7 +176,20 @@ def test_cli_bad_lora_writes_nothing(base: Path, tmp_path: Path, capsys):
     foreign = tmp_path / "foreign.safetensors"
     write_foreign(foreign)
     out = tmp_path / "clip.mp4"
-    common = ["generate", PROMPT, "--model", str(base), "--steps", "2", "--frames", "2", "--seed", "1", "-o", str(out)]
+    common = [
+        "generate",
+        PROMPT,
+        "--model",
+        str(base),
+        "--num-inference-steps",
+        "2",
+        "--num-frames",
+        "2",
+        "--seed",
+        "1",
+        "-o",
+        str(out),
+    ]
     assert main([*common, "--lora", str(foreign)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "matches no layer" in err[0]

@@ -119,10 +119,12 @@ def test_guidance_one_equals_conditional_branch(ours, monkeypatch):
     guided = ours.sample(request, progress=False)
     assert calls == [[PROMPT]]  # the unconditional branch is never encoded nor run
     from cinematic.diffusion import sample
+    from cinematic.generation.denoiser import UNetCall
 
     noise, _ = ours.initial_noise(request)
     context = original([PROMPT])
-    plain = sample("ddim", lambda x, t: ours._eps_model(x, t, context), noise, 6, alpha_bar=ours.alpha_bar)
+    unet = UNetCall(ours.model.unet, ours.dtype, ours.device)
+    plain = sample("ddim", lambda x, t: unet(x, t, context), noise, 6, alpha_bar=ours.alpha_bar)
     torch.testing.assert_close(guided, plain, rtol=0, atol=0)
 
 
@@ -160,15 +162,17 @@ def test_long_prompt_is_truncated_with_a_warning(ours):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(num_frames=0), "frames must be"),
-        (dict(height=100), "height must be a multiple of 8"),
-        (dict(width=4096), "width must be"),
-        (dict(height=24), "height must be"),
-        (dict(steps=0), "steps must be"),
-        (dict(guidance_scale=float("nan")), "guidance must be"),
-        (dict(guidance_scale=-1.0), "guidance must be"),
-        (dict(sampler="plms"), "unknown sampler 'plms'; allowed: ddim"),
-        (dict(seed=-1), "seed must be"),
+        (dict(num_frames=0), "num_frames: must be"),
+        (dict(height=100), "height: must be a multiple of 8"),
+        (dict(width=4096), "width: must be"),
+        (dict(height=24), "height: must be a multiple of 8 from 32 to 2048 for this model"),
+        (dict(num_inference_steps=0), "num_inference_steps: must be"),
+        (dict(steps=0), "num_inference_steps: must be"),  # the deprecated name
+        (dict(guidance_scale=float("nan")), "guidance_scale: must be"),
+        (dict(guidance_scale=-1.0), "guidance_scale: must be"),
+        (dict(sampler="plms"), "sampler: must be one of ddim, dpmpp_2m"),
+        (dict(seed=-1), "seed: must be"),
+        (dict(colour="red"), "colour: is not a setting"),
     ],
 )
 def test_bad_arguments(ours, kwargs, message):
@@ -210,10 +214,10 @@ def test_matches_modelscope_ddim_loop():
 def test_size_and_frames_default_to_what_the_model_was_trained_on():
     pipe = Pipeline.from_pretrained("shapes")
     d = pipe.model.config.defaults
-    request = pipe.validate("a red circle moving left")
-    assert (request.num_frames, request.height, request.width) == (d.frames, d.height, d.width) == (16, 32, 32)
-    request = pipe.validate("a red circle moving left", num_frames=8, height=48)
-    assert (request.num_frames, request.height, request.width) == (8, 48, 32)
+    s = pipe.validate("a red circle moving left").settings
+    assert (s.num_frames, s.height, s.width) == (d.frames, d.height, d.width) == (16, 32, 32)
+    s = pipe.validate("a red circle moving left", num_frames=8, height=48).settings
+    assert (s.num_frames, s.height, s.width) == (8, 48, 32)
 
 
 ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
@@ -241,7 +245,7 @@ def test_the_models_own_noise_schedule_matches_diffusers(folder, tmp_path, overr
     theirs.set_progress_bar_config(disable=True)
     kwargs = dict(num_frames=3, height=32, width=32, num_inference_steps=10, guidance_scale=9.0)
     expected = diffusers_frames(theirs, PROMPT, seed=4, **kwargs)
-    got = ours(PROMPT, num_frames=3, height=32, width=32, steps=10, seed=4, progress=False)
+    got = ours(PROMPT, num_frames=3, height=32, width=32, num_inference_steps=10, seed=4, progress=False)
     assert_frames_close(got, expected)
     default = Pipeline.from_pretrained(folder)(
         PROMPT, num_frames=3, height=32, width=32, steps=10, seed=4, progress=False

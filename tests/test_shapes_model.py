@@ -68,7 +68,13 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| seen (train captions) | 1 |" in table and "| held out | 1 |" in table
     report = json.loads(path.read_text())
-    assert report["settings"] == {**report["settings"], "seeds": 1, "steps": 50, "guidance": 9.0, "sampler": "ddim"}
+    assert report["settings"] == {
+        **report["settings"],
+        "seeds": 1,
+        "num_inference_steps": 50,
+        "guidance_scale": 9.0,
+        "sampler": "ddim",
+    }
     assert set(report["per_caption"]) == set(captions)
     assert report["seen"]["clips"] == 1 and report["held_out"]["clips"] == 1
 

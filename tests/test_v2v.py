@@ -9,8 +9,8 @@ import torch
 
 from cinematic import video
 from cinematic.cli import main
-from cinematic.conditioning import start_step
 from cinematic.errors import CinematicError
+from cinematic.generation.pictures import start_step
 from cinematic.pipeline import Pipeline
 from tests.factories import make_diffusers_folder
 from tests.test_pipeline import assert_frames_close
@@ -108,7 +108,7 @@ def test_several_videos_use_seed_plus_i(ours, clip):
 
 @pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), True])
 def test_strength_out_of_range(ours, clip, strength):
-    with pytest.raises(CinematicError, match="strength must be a number from 0 to 1"):
+    with pytest.raises(CinematicError, match="strength: must be a number from 0 to 1"):
         ours(PROMPT, init_video=clip, strength=strength, steps=2, **SIZE)
 
 
@@ -124,7 +124,7 @@ def test_bad_init_video(ours, tmp_path):
 
 # --- the CLI ------------------------------------------------------------------------------------------------------
 
-QUICK = ["--steps", "2", "--height", "32", "--width", "32", "--seed", "1"]
+QUICK = ["--num-inference-steps", "2", "--height", "32", "--width", "32", "--seed", "1"]
 
 
 def test_cli_video_to_video(folder, clip, tmp_path, capsys):
@@ -141,10 +141,10 @@ def test_cli_video_to_video(folder, clip, tmp_path, capsys):
     [
         (["--init-video", "{tmp}/missing.mp4"], "no such init video"),
         (["--init-video", "{tmp}/junk.mp4"], "cannot read init video"),
-        (["--init-video", "{tmp}/in.mp4", "--strength", "1.5"], "strength must be a number from 0 to 1"),
-        (["--init-video", "{tmp}/in.mp4", "--strength", "-1"], "strength must be a number from 0 to 1"),
+        (["--init-video", "{tmp}/in.mp4", "--strength", "1.5"], "strength: must be a number from 0 to 1"),
+        (["--init-video", "{tmp}/in.mp4", "--strength", "-1"], "strength: must be a number from 0 to 1"),
         (["--strength", "0.5"], "--strength applies to --init-video only"),
-        (["--init-video", "{tmp}/in.mp4", "--frames", "9"], "fewer than the 9 requested"),
+        (["--init-video", "{tmp}/in.mp4", "--num-frames", "9"], "fewer than the 9 requested"),
     ],
 )
 def test_cli_bad_input_one_line_no_file(folder, tmp_path, capsys, extra, message):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 from cinematic.errors import CinematicError
+from cinematic.settings import add_arguments
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -80,90 +82,81 @@ def _lora_specs(specs: list[str]) -> list[tuple[str, float]]:
     return parsed
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the command line, checked against their declared types and bounds before anything loads;
+    the first prompt of a schedule names the output file."""
+    from cinematic.diffusion.windows import parse_prompt_schedule
+    from cinematic.settings import from_arguments, settings_from
+
+    given = from_arguments(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise CinematicError("the prompt is empty; describe the video to generate (or give --prompt-schedule)")
+    if (args.prompt is None) == (args.prompt_schedule is None):
+        raise CinematicError("give a prompt or --prompt-schedule (one of them)")
+    settings_from({"prompt": args.prompt, **given})  # types and bounds: one line, exit 2
+    if args.prompt_schedule is not None:
+        args.prompt = parse_prompt_schedule(args.prompt_schedule, given.get("num_frames"))[0][1]
+        return given
+    return {"prompt": args.prompt, **given}
+
+
+def _device(args: argparse.Namespace) -> str:
+    """The device to run on, checked with the acceleration flags."""
     import torch
 
-    from cinematic.pipeline import check_acceleration, check_guidance, check_guidance_stop, check_sampler, random_seed
+    from cinematic.pipeline import check_acceleration
 
-    if args.prompt_schedule is not None:
-        from cinematic.diffusion.windows import parse_prompt_schedule
-
-        schedule = parse_prompt_schedule(args.prompt_schedule, args.frames)
-        if args.prompt:
-            raise CinematicError("give a prompt or --prompt-schedule, not both")
-        args.prompt = schedule[0][1]  # names the output file
-    elif not args.prompt or not args.prompt.strip():
-        raise CinematicError("the prompt is empty; describe the video to generate (or give --prompt-schedule)")
-    check_sampler(args.sampler)
-    check_guidance(args.guidance)
-    check_guidance_stop(args.guidance_stop)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_acceleration(args.compile, args.cuda_graphs, device)
-    if args.cache_interval < 1 or args.cache_depth < 1:
-        raise CinematicError("--cache-interval and --cache-depth must be at least 1")
-    if args.steps < 1 or args.frames is not None and args.frames < 1 or args.num_videos < 1:
-        raise CinematicError("--steps, --frames and --num-videos must be at least 1")
-    if args.fps is not None and not 0 < args.fps <= 240:
-        raise CinematicError(f"--fps must be between 0 and 240, not {args.fps}")
-    from cinematic.conditioning import cli_kwargs
+    return device
 
-    pictures = cli_kwargs(
-        args.init_video, args.init_image, args.strength, args.loop, args.frames, args.freeu, args.freeinit
-    )  # read and checked before the model loads
-    loras = _lora_specs(args.lora)
-    seed = random_seed() if args.seed is None else args.seed
-    paths = _output_paths(args.output, args.prompt, seed, args.num_videos)
-    _check_outputs(paths, args.overwrite)  # before any heavy work: a bad name fails in a second, not after sampling
-    if args.seed is None:
-        print(f"seed: {seed}", file=sys.stderr)
+
+def _load_pipeline(args: argparse.Namespace, device: str, loras: list[tuple[str, float]]) -> Any:
+    import torch
 
     from cinematic.pipeline import Pipeline
 
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    compute = args.compute or dtype
-    pipe = Pipeline.from_pretrained(
-        args.model,
-        device=device,
-        dtype=getattr(torch, DTYPES[dtype]),
-        tokenizer=args.tokenizer,
-        compute_dtype=getattr(torch, DTYPES[compute]),
-        int8=args.int8,
-        winograd=not args.no_winograd,
-        loras=loras,
-        merge_loras=args.lora_merge,
-        compile=args.compile,
-        cuda_graphs=args.cuda_graphs,
-    )
-    defaults = pipe.model.config.defaults
+    return Pipeline.from_pretrained(
+        args.model, device=device, dtype=getattr(torch, DTYPES[dtype]), tokenizer=args.tokenizer,
+        compute_dtype=getattr(torch, DTYPES[args.compute or dtype]), int8=args.int8, winograd=not args.no_winograd,
+        loras=loras, merge_loras=args.lora_merge, compile=args.compile, cuda_graphs=args.cuda_graphs,
+    )  # fmt: skip
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from cinematic.generation.pictures import load_pictures
+    from cinematic.settings import random_seed
+
+    settings = _given_settings(args)
+    device = _device(args)
+    if settings.get("strength") is not None and args.init_video is None:
+        raise CinematicError("--strength applies to --init-video only")
+    pictures = load_pictures(args.init_video, args.init_image)  # read and checked before the model loads
+    loras = _lora_specs(args.lora)
+    settings["seed"] = random_seed() if args.seed is None else args.seed
+    paths = _output_paths(args.output, args.prompt, settings["seed"], args.num_videos)
+    _check_outputs(paths, args.overwrite)  # before any heavy work: a bad name fails in a second, not after sampling
+    if args.seed is None:
+        print(f"seed: {settings['seed']}", file=sys.stderr)
+    pipe = _load_pipeline(args, device, loras)
     videos = pipe(
-        args.prompt,
-        negative_prompt=args.negative,
-        num_frames=args.frames or (None if args.init_video else defaults.frames),  # v2v: the clip's count
-        height=args.height or defaults.height,
-        width=args.width or defaults.width,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=seed,
-        sampler=args.sampler,
-        eta=args.eta,
-        num_videos=args.num_videos,
-        low_memory=args.low_memory,
-        cache_interval=args.cache_interval,
-        cache_depth=args.cache_depth,
-        guidance_stop=args.guidance_stop,
-        prompt_schedule=args.prompt_schedule,
-        window=args.window,
-        window_stride=args.window_stride,
-        **pictures,
-    )
-    for clip, path in zip(videos if isinstance(videos, list) else [videos], paths):
-        if args.fps is not None:
-            clip.fps = clip.metadata["fps"] = args.fps
+        num_videos=args.num_videos, init_video=None if pictures is None else pictures.video,
+        init_image=None if pictures is None else pictures.image, low_memory=args.low_memory, **settings,
+    )  # fmt: skip
+    for clip, path in zip(videos, paths):
         print(f"wrote {clip.save(path)} (seed {clip.metadata['seed']})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line and exit 2, as every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cinematic", description="Text-to-video with the ModelScope text-to-video-ms-1.7b model family."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -173,83 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="what the video shows, in English")
     gen.add_argument("-o", "--output", help="output file: .mp4 (default), .webm, .gif, .webp, or a folder for PNGs")
     gen.add_argument("--model", default="shapes", help="bundled name, model folder or hub id (default: shapes)")
-    gen.add_argument("--negative", help="negative prompt (default: the empty prompt, as the original)")
-    gen.add_argument("--frames", type=int, help="number of frames (default: the model's, 16)")
-    gen.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the model's)")
-    gen.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the model's)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
-    gen.add_argument("--seed", type=int, help="random seed (default: drawn and printed)")
-    gen.add_argument("--sampler", default="ddim", help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral")
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
     gen.add_argument("--num-videos", type=int, default=1, help="videos to make; video i uses seed + i")
-    gen.add_argument("--fps", type=float, help="frame rate of the file (default: the model's, 8)")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), help="weights precision (default: fp32 on CPU, fp16 on GPU)")
-    gen.add_argument(
+    settings = gen.add_argument_group("settings (each also a Python keyword and an API field)")
+    add_arguments(settings)
+    run = gen.add_argument_group("how it runs (never what it makes, but for --int8 and --compute fp16/bf16)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), help="weights precision (default: fp32 on CPU, fp16 on GPU)")
+    run.add_argument(
         "--compute", choices=sorted(DTYPES), help="arithmetic precision (default: --dtype); --dtype fp16 --compute "
         "fp32 keeps half-size weights and computes in fp32, for CPUs without fast half precision",
     )  # fmt: skip
-    gen.add_argument(
+    run.add_argument(
         "--low-memory", action="store_true",
         help="run the two guidance passes one after the other, free the text encoder once the prompt is encoded, "
         "decode one frame at a time",
     )  # fmt: skip
-    fast = gen.add_argument_group("fast modes (off by default; each changes the result a little)")
-    fast.add_argument(
-        "--cache-interval", type=int, default=1, metavar="N",
-        help="feature caching: a full UNet step every N steps, the shallow levels only in between (default 1: off)",
-    )  # fmt: skip
-    fast.add_argument(
-        "--cache-depth", type=int, default=1, metavar="D",
-        help="UNet levels recomputed on cached steps, from the top (default 1)",
-    )  # fmt: skip
-    fast.add_argument(
-        "--guidance-stop", type=float, default=1.0, metavar="F",
-        help="drop the unconditional pass from this fraction of sampling on, e.g. 0.8 (default 1: never)",
-    )  # fmt: skip
-    fast.add_argument("--int8", action="store_true", help="int8 Linear layers in the UNet (CPU, fp32 compute)")
-    fast.add_argument(
+    run.add_argument("--int8", action="store_true", help="int8 Linear layers in the UNet (CPU, fp32 compute)")
+    run.add_argument(
         "--no-winograd", action="store_true",
         help="PyTorch's own 3x3 convolutions instead of Winograd's (CPU, fp32 compute; same results to fp32 rounding)",
     )  # fmt: skip
-    gpu = gen.add_argument_group("faster steps (same results to rounding)")
-    gpu.add_argument(
+    run.add_argument(
         "--compile", nargs="?", const="default", metavar="MODE",
         help="run the UNet through torch.compile (MODE: default, reduce-overhead, max-autotune, "
         "max-autotune-no-cudagraphs); the first step compiles, minutes for the full model",
     )  # fmt: skip
-    gpu.add_argument(
+    run.add_argument(
         "--cuda-graphs", action="store_true",
         help="record the UNet's step as a CUDA graph and replay it (CUDA only; not with --cache-interval or --freeu)",
     )  # fmt: skip
-    start = gen.add_argument_group("starting from pictures; FreeU and FreeInit")
+    start = gen.add_argument_group("starting from pictures")
     start.add_argument("--init-video", metavar="CLIP", help="video-to-video: restyle or upscale this clip")
-    start.add_argument(
-        "--strength", type=float, metavar="S",
-        help="with --init-video: how much to change it, 0 (keep) to 1 (ignore it) (default 0.6)",
-    )  # fmt: skip
     start.add_argument("--init-image", metavar="IMAGE", help="animate this picture: it stays the first frame")
-    start.add_argument("--loop", action="store_true", help="pin the last frame to the first (needs 2+ frames)")
-    start.add_argument("--freeu", action="store_true", help="FreeU (b1=1.2, b2=1.4, s1=0.9, s2=0.2)")
-    start.add_argument(
-        "--freeinit", type=int, default=0, metavar="N",
-        help="FreeInit: sample N more times from low-frequency re-initialised noise (default 0: off)",
-    )  # fmt: skip
-    long = gen.add_argument_group("long videos and prompt schedules")
-    long.add_argument(
-        "--prompt-schedule", metavar="SCHEDULE",
-        help='prompts over time, in place of PROMPT: "0: a red circle moving right | 32: a red circle moving left"',
-    )  # fmt: skip
-    long.add_argument(
-        "--window", type=int, metavar="W",
-        help="longer clips run through the UNet in overlapping windows of W frames (default: the model's trained "
-        "length, 16); 0 runs the whole clip at once",
-    )  # fmt: skip
-    long.add_argument(
-        "--window-stride", type=int, metavar="S", help="frames between window starts (default W/2; the UNet "
-        "work is about W/S times one pass's)",
-    )  # fmt: skip
     gen.add_argument("--tokenizer", help="folder with vocab.json and merges.txt, for ModelScope folders without one")
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -292,7 +240,10 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad argument (already reported in one line)
+        return int(done.code or 0)
     try:
         args.run(args)
     except CinematicError as e:

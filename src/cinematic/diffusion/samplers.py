@@ -225,7 +225,7 @@ def sample(
     ``generator`` feeds the per-step noise of the stochastic samplers. ``alpha_bar`` defaults to the model's
     scaled-linear schedule.
 
-    ``init`` (video-to-video, see :mod:`cinematic.conditioning`): a clean latent; sampling then skips the grid's
+    ``init`` (video-to-video, see :mod:`cinematic.generation.pictures`): a clean latent; sampling then skips the grid's
     first ``start`` steps and begins from ``init + sigma * noise``, diffusers' ``add_noise`` in VE form. ``wrap``
     wraps the denoiser (pinned frames). ``prediction`` is the model's ``prediction_type``: ``eps_model`` returns ε
     (``"epsilon"``) or v (``"v_prediction"``). ``spacing`` is the model's ``timestep_spacing``.

@@ -6,8 +6,8 @@ step, in the manner of FreeNoise (Qiu et al. 2023), with two choices of our own:
 - **Windows of the whole UNet**, not only of its temporal attention. Every layer but temporal attention and the
   3-tap temporal convolutions is per frame, so the two agree inside a window; running the whole network per window
   keeps activation memory at one window's, whatever the length, and works unchanged with any checkpoint, the fast
-  modes and the conditioning of :mod:`cinematic.conditioning`. The cost is the overlap: windows of ``W`` frames every
-  ``S`` frames evaluate about ``W / S`` times the frames (2x at the default ``S = W / 2``).
+  modes and the starting pictures of :mod:`cinematic.generation.pictures`. The cost is the overlap: windows of ``W``
+  frames every ``S`` frames evaluate about ``W / S`` times the frames (2x at the default ``S = W / 2``).
 - **Fusion by the plain mean**: each frame's prediction is the mean of those of the windows holding it. Weighting
   frames by their distance from the window's edges (a FreeNoise-style tent) couples neighbouring windows less, and with
   the shapes model the object changed shape from window to window more often (measured in the README, "Long videos

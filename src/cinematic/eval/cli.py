@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from cinematic.errors import CinematicError
+from cinematic.settings import add_arguments, from_arguments, settings_from
 
 DEFAULT_BATCH = 48  # captions per sampler run: all 48 shapes captions at once
+# The settings an evaluation may change; the clip's size and length stay the model's.
+EVAL_SETTINGS = (
+    "num_inference_steps", "guidance_scale", "sampler", "eta", "freeu", "freeinit", "cache_interval", "cache_depth",
+    "guidance_stop",
+)  # fmt: skip
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -31,35 +37,29 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="shapes", help="bundled name, model folder or hub id (default: shapes)")
     parser.add_argument("--seeds", type=int, default=4, help="videos per caption; video s uses seed s (default 4)")
     parser.add_argument("--captions", nargs="+", help="judge only these captions (default: all 48)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default 9)")
-    parser.add_argument("--sampler", default="ddim", help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_ancestral")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="captions per sampler run (default 48)")
     parser.add_argument("--json", type=Path, help="write the report (and the settings) to this JSON file")
     parser.add_argument("--save-videos", type=Path, metavar="DIR", help="also write every video to DIR as .mp4")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
-    parser.add_argument("--freeu", action="store_true", help="sample with FreeU (see cinematic generate --freeu)")
-    parser.add_argument("--freeinit", type=int, default=0, metavar="N", help="FreeInit iterations (default 0: off)")
-    parser.add_argument("--cache-interval", type=int, default=1, metavar="N", help="feature caching (default 1: off)")
-    parser.add_argument("--cache-depth", type=int, default=1, metavar="D", help="levels recomputed when caching")
-    parser.add_argument("--guidance-stop", type=float, default=1.0, metavar="F", help="guidance truncation (1: off)")
+    settings = parser.add_argument_group("settings (as cinematic generate's; the defaults are its defaults)")
+    add_arguments(settings, EVAL_SETTINGS)
     parser.set_defaults(run=cmd_eval)
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> list[str]:
+def _check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The captions to judge and the settings given, checked before the model loads."""
     from cinematic.data.shapes import ALL_CAPTIONS, parse_caption
-    from cinematic.pipeline import check_guidance, check_sampler
 
-    check_sampler(args.sampler)
-    check_guidance(args.guidance)
-    for name in ("seeds", "steps", "batch"):
+    settings = from_arguments(args, EVAL_SETTINGS)
+    settings_from({"prompt": "x", **settings})  # types and bounds: one line, exit 2
+    for name in ("seeds", "batch"):
         if getattr(args, name) < 1:
             raise CinematicError(f"--{name} must be at least 1, not {getattr(args, name)}")
     captions = list(dict.fromkeys(args.captions or ALL_CAPTIONS))
     for caption in captions:
         parse_caption(caption)
-    return captions
+    return captions, settings
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -68,20 +68,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from cinematic.eval.judge import evaluate
+    from cinematic.pipeline import Pipeline
 
-    captions = _check_args(args)
+    captions, settings = _check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = same_seed_pipeline(args.model, device)
+    pipe = Pipeline.from_pretrained(args.model, device=device)
     began = time.perf_counter()
     videos: dict[str, list] = {caption: [] for caption in captions}
     for seed in range(args.seeds):
         for first in range(0, len(captions), args.batch):
             chunk = captions[first : first + args.batch]
-            made = generate(
-                pipe, chunk, seed, args.steps, args.guidance, args.sampler, args.freeu, args.freeinit,
-                cache_interval=args.cache_interval, cache_depth=args.cache_depth, guidance_stop=args.guidance_stop,
-            )  # fmt: skip
-            for caption, frames in zip(chunk, made):
+            for caption, frames in zip(chunk, generate(pipe, chunk, seed, **settings)):
                 videos[caption].append(frames)
         print(f"seed {seed}: {len(captions)} videos, {time.perf_counter() - began:.0f} s so far", file=sys.stderr)
     seconds = time.perf_counter() - began
@@ -92,46 +89,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     count = len(captions) * args.seeds
     print(f"{count} videos in {seconds:.0f} s ({seconds / count:.2f} s per video, batched)", file=sys.stderr)
     if args.json is not None:
-        settings = {
-            "model": str(args.model),
-            "seeds": args.seeds,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "sampler": args.sampler,
-            **({"freeu": True} if args.freeu else {}),
-            **({"freeinit": args.freeinit} if args.freeinit else {}),
-            **(
-                {"cache_interval": args.cache_interval, "cache_depth": args.cache_depth}
-                if args.cache_interval > 1
-                else {}
-            ),
-            **({"guidance_stop": args.guidance_stop} if args.guidance_stop < 1 else {}),
-            "device": device,
-            "seconds": round(seconds, 1),
-        }
+        resolved = pipe.validate("x", **settings).settings.values()
+        shown = {name: resolved[name] for name in EVAL_SETTINGS}
+        took = round(seconds, 1)
+        settings = {"model": str(args.model), "seeds": args.seeds, **shown, "device": device, "seconds": took}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, **report.to_json()}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def generate(
-    pipe: Any,
-    captions: Sequence[str],
-    seed: int,
-    steps: int,
-    guidance: float,
-    sampler: str,
-    freeu: bool = False,
-    freeinit: int = 0,
-    **fast: Any,
-) -> list:
-    """One video per caption, each from the noise of ``seed``, at the model's trained clip size: uint8 numpy
-    ``[F, H, W, 3]`` each. ``fast``: the fast modes of ``Pipeline.validate`` (cache_interval, guidance_stop...)."""
-    d = pipe.model.config.defaults
-    request = pipe.validate(
-        list(captions), num_frames=d.frames, height=d.height, width=d.width, steps=steps, guidance_scale=guidance,
-        seed=seed, sampler=sampler, freeu=freeu, freeinit=freeinit, **fast,
-    )  # fmt: skip
+def generate(pipe: Any, captions: Sequence[str], seed: int, **settings: Any) -> list:
+    """One video per caption, each from the noise of ``seed`` itself (as ``cinematic generate CAPTION --seed seed``
+    makes it), at the model's trained clip size: uint8 numpy ``[F, H, W, 3]`` each. ``settings``: those of
+    :class:`cinematic.settings.Settings`."""
+    request = pipe.validate(list(captions), same_seed=True, seed=seed, **settings)
     frames = pipe.decode(pipe.sample(request, progress=False))
     return [f.cpu().numpy() for f in frames]
 
@@ -143,20 +114,3 @@ def _save(videos: dict[str, list], folder: Path, fps: float) -> None:
     for caption, clips in videos.items():
         for seed, frames in enumerate(clips):
             video.write(folder / f"{caption.replace(' ', '-')}-{seed}.mp4", frames, fps=fps)
-
-
-def same_seed_pipeline(model: str | Path, device: str) -> Any:
-    """A :class:`cinematic.pipeline.Pipeline` whose prompts all start from the noise of the call's seed itself
-    (``generate`` gives video ``i`` seed + i), so that a batch of captions makes for each the video that
-    ``cinematic generate CAPTION --seed`` makes. Built here so that importing this module does not import torch."""
-    import dataclasses
-
-    from cinematic.pipeline import Pipeline
-
-    class SameSeedPipeline(Pipeline):
-        def initial_noise(self, request):
-            one = dataclasses.replace(request, prompts=request.prompts[:1], num_videos=1)
-            noise, generator = super().initial_noise(one)  # [1,C,F,h,w]
-            return noise.expand(request.count, *noise.shape[1:]).contiguous(), generator
-
-    return SameSeedPipeline.from_pretrained(model, device=device)

@@ -7,7 +7,6 @@ transaction, and generation happens on the workers' threads, never in a request.
 built at run time (see ``schemas.request_model``).
 """
 
-import dataclasses
 import hmac
 import math
 from collections.abc import Sequence
@@ -29,9 +28,6 @@ from cinematic.errors import CinematicError
 from cinematic.serve import metrics
 from cinematic.serve.files import MEDIA_TYPES
 from cinematic.serve.schemas import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
     ErrorResponse,
     Health,
     VideoDeleted,
@@ -39,13 +35,15 @@ from cinematic.serve.schemas import (
     VideoList,
     parse_size,
     request_model,
+    setting_bounds,
 )
 from cinematic.serve.service import ModelInfo, Service
 from cinematic.serve.settings import Limits, Settings
 from cinematic.serve.store import ID_PATTERN, Job, Params, QueueFull
+from cinematic.settings import ALIASES, SPECS, ModelFacts, SettingError, canonical, with_old_names
+from cinematic.settings import Settings as VideoSettings
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_STRENGTH = 0.6  # Pipeline.__call__'s
 DESCRIPTION = """Text to video as a job queue. `POST /v1/videos` queues a job and returns it at once; poll
 `GET /v1/videos/{id}` until `status` is `completed`, then download `GET /v1/videos/{id}/content`
 (mp4, or `?variant=webm|gif`). Jobs survive restarts: one that was running starts again with the same seed."""
@@ -116,19 +114,14 @@ def _authorizer(settings: Settings) -> Any:
 
 
 def _api(settings: Settings, service: Service) -> APIRouter:
-    from cinematic.diffusion import SAMPLERS
-
     model = service.model
-    VideoCreate = request_model(  # noqa: N806 - a class
-        _limits(settings, service), model.name, model.min_size, _size(model), model.frames, tuple(SAMPLERS)
-    )
+    VideoCreate = request_model(settings.limits, model.name, model.facts)  # noqa: N806 - a class
     router = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(settings))], tags=["videos"])
 
     @router.post("/videos", response_model=VideoJob, responses=_errors(401, 422, 429), summary="Queue a video")
     def create_video(body: VideoCreate) -> dict[str, Any]:  # type: ignore[valid-type]
         params = _params(body, model, service, settings.limits)
         try:
-            _check_with_pipeline(service, params)
             job = service.submit(params)
         except QueueFull:
             service.inputs.remove(params.init_video, params.init_image)
@@ -213,8 +206,10 @@ def _find(service: Service, video_id: str) -> Job:
 
 
 def _view(service: Service, job: Job) -> dict[str, Any]:
-    """A job as the API shows it (:class:`VideoJob`)."""
-    p = job.params
+    """A job as the API shows it (:class:`VideoJob`): its settings by name, with OpenAI's ``size`` and ``seconds``
+    and the deprecated old names beside them."""
+    p, s = job.params, job.params.settings
+    values = s.values()
     return {
         "id": job.id,
         "status": job.status,
@@ -223,93 +218,62 @@ def _view(service: Service, job: Job) -> dict[str, Any]:
         "started_at": job.started_at,
         "completed_at": job.completed_at,
         "error": {"code": "generation_failed", "message": job.error} if job.error else None,
+        **with_old_names(values),
         "model": p.model,
-        "prompt": p.prompt,
-        "negative_prompt": p.negative_prompt,
-        "size": f"{p.width}x{p.height}",
-        "frames": p.frames,
-        "fps": p.fps,
-        "seconds": f"{p.frames / p.fps:g}",
-        "steps": p.steps,
-        "guidance": p.guidance,
-        "seed": p.seed,
-        "sampler": p.sampler,
-        "prompt_schedule": p.prompt_schedule,
-        "window": p.window,
+        "size": f"{s.width}x{s.height}",
+        "seconds": f"{s.num_frames / s.fps:g}",
         "init_video": p.init_video is not None,
         "init_image": p.init_image is not None,
-        "strength": p.strength,
-        "loop": p.loop,
-        "freeu": p.freeu,
-        "freeinit": p.freeinit,
         "loras": [{"name": name, "scale": scale} for name, scale in p.loras],
     }
-
-
-def _size(model: ModelInfo) -> str:
-    return f"{model.width}x{model.height}"
 
 
 def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Params:
     """A validated request with every default filled in; the seed is drawn here, once, and stored with the job.
     Uploads are checked (they must decode) and saved; the caller removes them if the job is not queued."""
-    from cinematic.pipeline import random_seed
-
-    if (body.prompt is None) == (body.prompt_schedule is None):
-        which = "is required" if body.prompt is None else "and prompt_schedule exclude each other"
-        raise ApiError(422, f"prompt: {which} (give a prompt or a prompt_schedule)", "invalid_value", param="prompt")
-    if body.strength is not None and body.init_video is None:
-        raise ApiError(422, "strength: applies to init_video only; send one", "invalid_value", param="strength")
-    for name in (lora.name for lora in body.loras or ()):
-        if service.inputs.lora(name) is None:
-            offered = ", ".join(service.inputs.loras()) or "none (start the server with --lora-dir)"
-            raise ApiError(
-                422, f"loras: no adapter {name!r} on this server; offered: {offered}", "invalid_value", param="loras"
-            )
-    width, height = parse_size(body.size or _size(model))
-    frames = body.frames
+    _check_loras(body, service)
+    given = _given_settings(body)
     uploads: dict[str, str] = {}
     try:
         for field in ("init_video", "init_image"):
             if getattr(body, field) is not None:
                 uploads[field] = service.inputs.save(_decode_upload(field, getattr(body, field), limits.max_upload))
         pictures = _read_uploads(service, uploads)
-        if pictures is not None and pictures.video is not None and frames is None:
-            frames = min(len(pictures.video), limits.max_frames)
-        return Params(
-            prompt=body.prompt or "",
-            negative_prompt=body.negative_prompt,
-            model=model.name,
-            frames=frames or model.frames,
-            width=width,
-            height=height,
-            steps=body.steps or DEFAULT_STEPS,
-            guidance=DEFAULT_GUIDANCE if body.guidance is None else float(body.guidance),
-            seed=random_seed() if body.seed is None else body.seed,
-            sampler=body.sampler or DEFAULT_SAMPLER,
-            fps=model.fps,
-            prompt_schedule=body.prompt_schedule,
-            window=body.window,
-            window_stride=body.window_stride,
-            init_video=uploads.get("init_video"),
-            init_image=uploads.get("init_image"),
-            strength=_strength(body.strength, "init_video" in uploads),
-            loop=bool(body.loop),
-            freeu=bool(body.freeu),
-            freeinit=body.freeinit or 0,
-            loras=tuple((lora.name, float(lora.scale)) for lora in body.loras or ()),
-        )
+        if pictures is not None and pictures.video is not None and "num_frames" not in given:
+            given["num_frames"] = min(len(pictures.video), limits.max_frames)
+        try:
+            request = service.workers[0].pipeline.validate(pictures=pictures, **given)
+        except SettingError as error:
+            raise ApiError(422, str(error), "invalid_value", param=error.field) from None
+        loras = tuple((lora.name, float(lora.scale)) for lora in body.loras or ())
+        files = {"init_video": uploads.get("init_video"), "init_image": uploads.get("init_image"), "loras": loras}
+        return Params(request.settings, model.name, **files)
     except BaseException:
         service.inputs.remove(*uploads.values())
         raise
 
 
-def _strength(given: float | None, restyling: bool) -> float | None:
-    """Video-to-video's strength as the job runs it: the pipeline's default (0.6) when not given, None without a
-    clip (where it means nothing)."""
-    if not restyling:
-        return None
-    return DEFAULT_STRENGTH if given is None else float(given)
+def _given_settings(body: Any) -> dict[str, Any]:
+    """The settings the request names, by their names (old names and OpenAI's ``size`` accepted)."""
+    given = {name: getattr(body, name) for name in (*SPECS, *ALIASES) if getattr(body, name) is not None}
+    try:
+        given = canonical(given, "field")
+    except SettingError as error:
+        raise ApiError(422, str(error), "invalid_value", param=error.field) from None
+    if body.size is not None:
+        if "width" in given or "height" in given:
+            raise ApiError(422, "size: give size or width and height, not both", "invalid_value", param="size")
+        given["width"], given["height"] = parse_size(body.size)
+    return given
+
+
+def _check_loras(body: Any, service: Service) -> None:
+    for name in (lora.name for lora in body.loras or ()):
+        if service.inputs.lora(name) is None:
+            offered = ", ".join(service.inputs.loras()) or "none (start the server with --lora-dir)"
+            raise ApiError(
+                422, f"loras: no adapter {name!r} on this server; offered: {offered}", "invalid_value", param="loras"
+            )
 
 
 def _decode_upload(field: str, text: str, limit: int) -> bytes:
@@ -333,9 +297,9 @@ def _decode_upload(field: str, text: str, limit: int) -> bytes:
 
 
 def _read_uploads(service: Service, uploads: dict[str, str]) -> Any:
-    """The uploads decoded, once, as the worker will read them (a ``cinematic.conditioning.Pictures`` or None); a file
-    that does not decode, or an init video sent with an init image, is a 422."""
-    from cinematic.conditioning import load_pictures
+    """The uploads decoded, once, as the worker will read them (a ``cinematic.generation.pictures.Pictures`` or
+    None); a file that does not decode, or an init video sent with an init image, is a 422."""
+    from cinematic.generation.pictures import load_pictures
 
     paths = {field: service.inputs.path(name) for field, name in uploads.items()}
     try:
@@ -346,25 +310,6 @@ def _read_uploads(service: Service, uploads: dict[str, str]) -> Any:
             message = message.replace(str(path), "the upload")
         param = "init_video" if "init_video" in paths else "init_image"
         raise ApiError(422, f"{param}: {message}", "invalid_value", param=param) from None
-
-
-def _limits(settings: Settings, service: Service) -> Limits:
-    """The settings' limits, within what the model can do."""
-    return dataclasses.replace(settings.limits, max_steps=min(settings.limits.max_steps, service.model.max_steps))
-
-
-def _check_with_pipeline(service: Service, p: Params) -> None:
-    """The pipeline's own checks of the settings, so that nothing a worker would reject is ever queued (the uploads
-    were read by ``_read_uploads``)."""
-    try:
-        service.workers[0].pipeline.validate(
-            p.prompt,
-            **{**p.pipeline_kwargs(), "strength": 1.0 if p.strength is None else p.strength},
-        )
-    except CinematicError as error:
-        field = str(error).split(" ", 1)[0]
-        param = {"height": "size", "width": "size", "prompt": "prompt_schedule", "window": "window"}.get(field, field)
-        raise ApiError(422, str(error), "invalid_value", param=param) from error
 
 
 def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> None:
@@ -382,15 +327,9 @@ def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> No
             "workers": [{"device": w.device, "busy": w.busy} for w in service.workers],
             "queued": service.store.counts()["queued"],
             "auth": settings.api_key is not None,
-            "defaults": {
-                "frames": m.frames,
-                "size": _size(m),
-                "fps": m.fps,
-                "steps": DEFAULT_STEPS,
-                "guidance": DEFAULT_GUIDANCE,
-                "sampler": DEFAULT_SAMPLER,
-            },
-            "limits": {**vars(_limits(settings, service)), "min_size": m.min_size, "max_queue": settings.max_queue},
+            "defaults": _defaults(m.facts),
+            "limits": {**vars(settings.limits), "min_size": m.facts.min_size, "max_queue": settings.max_queue},
+            "bounds": {name: list(b) for name, b in setting_bounds(settings.limits, m.facts).items()},
             "samplers": _samplers(),
             "loras": service.inputs.loras(),
         }
@@ -406,6 +345,12 @@ def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> No
     def prometheus() -> Response:
         text = metrics.render(service.store.counts(), service.busy_workers, len(service.workers), service.generation)
         return Response(text, media_type=metrics.CONTENT_TYPE)
+
+
+def _defaults(facts: ModelFacts) -> dict[str, Any]:
+    """What each setting is when a request leaves it out, for this model (None: drawn, or unused)."""
+    resolved = VideoSettings(prompt="x").resolve(facts)
+    return {**resolved.values(), "prompt": None, "seed": None, "strength": 0.6, "size": f"{facts.width}x{facts.height}"}
 
 
 def _samplers() -> list[str]:

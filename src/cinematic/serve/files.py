@@ -146,14 +146,12 @@ class Inputs:
         return None
 
     def call_kwargs(self, params: Params) -> dict:
-        """The file arguments of ``Pipeline.__call__`` for ``params``: pictures, strength and adapters."""
+        """The file arguments of ``Pipeline.__call__`` for ``params``: pictures and adapters."""
         kwargs: dict = {}
         if params.init_video is not None:
             kwargs["init_video"] = self.path(params.init_video)
         if params.init_image is not None:
             kwargs["init_image"] = self.path(params.init_image)
-        if params.strength is not None:
-            kwargs["strength"] = params.strength
         if params.loras:
             kwargs["loras"] = []
             for name, scale in params.loras:

@@ -8,21 +8,16 @@ annotations of the class built inside :func:`request_model`, and they refer to t
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from cinematic.serve.settings import Limits
 from cinematic.serve.store import STATUSES
+from cinematic.settings import SPECS, ModelFacts, kind, spec
 
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
-SIZE_MULTIPLE = 8
-SEED_MAX = 2**32 - 1
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 9.0
-DEFAULT_SAMPLER = "ddim"
-
-
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_LORAS = 8
+TYPES = {bool: bool, int: int, float: float, str: str}
 
 
 class LoraRef(BaseModel):
@@ -44,110 +39,74 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def request_model(
-    limits: Limits, model: str, min_size: int, default_size: str, default_frames: int, samplers: tuple[str, ...]
-) -> type[BaseModel]:
-    """The body of ``POST /v1/videos`` for one server: its model name, its limits, its samplers."""
-    ModelName = Literal[(model,)]  # noqa: N806 - a type
-    Sampler = Literal[samplers]  # noqa: N806
-    text = {"min_length": 1, "max_length": limits.max_prompt}
+def setting_bounds(limits: Limits, model: ModelFacts) -> dict[str, tuple[float | None, float | None]]:
+    """``(low, high)`` of each numeric setting on this server: the declared bounds, narrowed by the model and by the
+    server's limits."""
+    caps = {
+        "num_frames": limits.max_frames, "window": limits.max_frames, "window_stride": limits.max_frames,
+        "height": limits.max_size, "width": limits.max_size, "num_inference_steps": limits.max_steps,
+    }  # fmt: skip
+    bounds = {name: (spec(name).low, spec(name).high) for name in SPECS if kind(name) in (int, float)}
+    for name, low, high in model.bounds():
+        bounds[name] = (low, high)
+    for name, cap in caps.items():
+        low, high = bounds[name]
+        bounds[name] = (low, cap if high is None else min(high, cap))
+    return bounds
+
+
+def _setting_field(name: str, bounds: dict, limits: Limits) -> tuple[Any, Any]:
+    """The request field of one setting: its type, bounds and help from the table."""
+    s, k = spec(name), kind(name)
+    annotation: Any = Literal[s.choices] if s.choices else TYPES[k]
+    extra: dict[str, Any] = {}
+    if name in bounds:
+        extra["ge"], extra["le"] = bounds[name]
+        extra["multiple_of"] = s.multiple_of
+    if k is float:
+        extra["allow_inf_nan"] = False
+    if k is str and not s.choices:
+        extra["max_length"] = limits.max_prompt * (4 if name == "prompt_schedule" else 1)
+        extra["min_length"] = 1 if s.nonblank else 0
+    return annotation | None, Field(default=None, description=s.help, **extra)
+
+
+def request_model(limits: Limits, model: str, facts: ModelFacts) -> type[BaseModel]:
+    """The body of ``POST /v1/videos`` for one server: every setting of :class:`cinematic.settings.Settings` under
+    its name, within this server's limits; the deprecated old names; OpenAI's ``size``; the uploads and adapters."""
+    bounds = setting_bounds(limits, facts)
+    fields: dict[str, Any] = {name: _setting_field(name, bounds, limits) for name in SPECS}
+    for name, s in SPECS.items():
+        for old in s.aliases:
+            annotation, info = _setting_field(name, bounds, limits)
+            info.description = f"Deprecated: use {name}."
+            info.deprecated = True
+            fields[old] = (annotation, info)
     upload = {"min_length": 1, "max_length": base64_length(limits.max_upload)}
     megabytes = f"{limits.max_upload / 2**20:g} MiB"
+    fields.update(
+        model=(Literal[(model,)] | None, Field(default=None, description="The served model; the only one accepted.")),
+        size=(str | None, Field(default=None, pattern=SIZE_PATTERN, description="OpenAI's WIDTHxHEIGHT, in place "
+                                "of width and height.")),
+        init_video=(str | None, Field(default=None, **upload, description="Video-to-video: the clip to restyle, as "
+                                      f"base64 (a data: URL too), at most {megabytes}.")),
+        init_image=(str | None, Field(default=None, **upload, description="Animate this picture (base64, at most "
+                                      f"{megabytes}): it stays frame 0.")),
+        loras=(list[LoraRef] | None, Field(default=None, max_length=MAX_LORAS, description="LoRA adapters of the "
+                                           "server's folder, applied for this job.")),
+    )  # fmt: skip
+    return create_model(
+        "VideoCreate",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        __validators__={"_not_blank": field_validator("prompt")(_not_blank)},
+        **fields,
+    )
 
-    class VideoCreate(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
 
-        prompt: Annotated[
-            str | None, Field(**text, description="What the video shows, in English; required unless prompt_schedule.")
-        ] = None
-        negative_prompt: Annotated[str | None, Field(max_length=limits.max_prompt, description="What to avoid.")] = None
-        model: Annotated[ModelName | None, Field(description="The served model; the only one accepted.")] = None
-        frames: Annotated[int | None, Field(ge=1, le=limits.max_frames, description=f"Default {default_frames}.")] = (
-            None
-        )
-        size: Annotated[
-            str | None,
-            Field(
-                pattern=SIZE_PATTERN,
-                description=f"WIDTHxHEIGHT, each a multiple of {SIZE_MULTIPLE} from {min_size} to "
-                f"{limits.max_size}. Default {default_size}, the model's trained size.",
-            ),
-        ] = None
-        steps: Annotated[int | None, Field(ge=1, le=limits.max_steps, description=f"Default {DEFAULT_STEPS}.")] = None
-        guidance: Annotated[
-            float | None,
-            Field(
-                ge=0, le=100, allow_inf_nan=False, description=f"Classifier-free guidance, default {DEFAULT_GUIDANCE}."
-            ),
-        ] = None
-        seed: Annotated[int | None, Field(ge=0, le=SEED_MAX, description="Default: drawn, and returned.")] = None
-        sampler: Annotated[Sampler | None, Field(description=f"Default {DEFAULT_SAMPLER}.")] = None
-        prompt_schedule: Annotated[
-            str | None,
-            Field(
-                min_length=1,
-                max_length=4 * limits.max_prompt,
-                description='Prompts over time, in place of prompt: "0: a red circle moving right | 32: a red circle '
-                'moving left" (start frame: prompt).',
-            ),
-        ] = None
-        window: Annotated[
-            int | None,
-            Field(
-                ge=0,
-                le=limits.max_frames,
-                description="Clips longer than this run through the UNet in overlapping windows of this many frames; "
-                f"0: the whole clip at once. Default {default_frames}, the model's trained length.",
-            ),
-        ] = None
-        window_stride: Annotated[
-            int | None, Field(ge=1, le=limits.max_frames, description="Frames between windows; default window / 2.")
-        ] = None
-        init_video: Annotated[
-            str | None,
-            Field(
-                **upload,
-                description=f"Video-to-video: the clip to restyle, as base64 (a data: URL too), at most {megabytes}. "
-                "frames defaults to its frame count.",
-            ),
-        ] = None
-        strength: Annotated[
-            float | None,
-            Field(ge=0, le=1, allow_inf_nan=False, description="With init_video: 0 keeps it, 1 ignores it; 0.6."),
-        ] = None
-        init_image: Annotated[
-            str | None,
-            Field(**upload, description=f"Animate this picture (base64, at most {megabytes}): it stays frame 0."),
-        ] = None
-        loop: Annotated[bool | None, Field(description="Pin the last frame to the first.")] = None
-        freeu: Annotated[bool | None, Field(description="FreeU (b1=1.2, b2=1.4, s1=0.9, s2=0.2).")] = None
-        freeinit: Annotated[int | None, Field(ge=0, le=10, description="FreeInit iterations; default 0.")] = None
-        loras: Annotated[
-            list[LoraRef] | None,
-            Field(max_length=MAX_LORAS, description="LoRA adapters of the server's folder, applied for this job."),
-        ] = None
-
-        @field_validator("prompt")
-        @classmethod
-        def _not_blank(cls, value: str | None) -> str | None:
-            if value is not None and not value.strip():
-                raise ValueError("the prompt is blank; describe the video to generate")
-            return value
-
-        @field_validator("size")
-        @classmethod
-        def _size(cls, value: str | None) -> str | None:
-            if value is None:
-                return value
-            sides = parse_size(value)
-            if any(side % SIZE_MULTIPLE or not min_size <= side <= limits.max_size for side in sides):
-                raise ValueError(
-                    f"each side must be a multiple of {SIZE_MULTIPLE} from {min_size} to {limits.max_size}, "
-                    f"not {value!r}"
-                )
-            return value
-
-    return VideoCreate
+def _not_blank(cls: Any, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("the prompt is blank; describe the video to generate")
+    return value
 
 
 class VideoError(BaseModel):
@@ -155,7 +114,7 @@ class VideoError(BaseModel):
     message: str
 
 
-class VideoJob(BaseModel):
+class _Job(BaseModel):
     """A job and, once completed, its video (``GET /v1/videos/{id}/content``)."""
 
     id: str
@@ -167,25 +126,23 @@ class VideoJob(BaseModel):
     completed_at: int | None = Field(description="When it completed, failed or was cancelled.")
     error: VideoError | None
     model: str
-    prompt: str = Field(description='The prompt ("" when prompt_schedule is given).')
-    negative_prompt: str | None
-    size: str
-    frames: int
-    fps: float
-    seconds: str = Field(description="The clip's duration, frames / fps.")
-    steps: int
-    guidance: float
-    seed: int
-    sampler: str
-    prompt_schedule: str | None = None
-    window: int | None = Field(default=None, description="Frames per UNet window, when the clip is longer.")
     init_video: bool = Field(default=False, description="Whether the job restyles an uploaded clip.")
     init_image: bool = Field(default=False, description="Whether the job animates an uploaded picture.")
-    strength: float | None = None
-    loop: bool = False
-    freeu: bool = False
-    freeinit: int = 0
     loras: list[LoraRef] = Field(default_factory=list)
+    size: str = Field(description="OpenAI's WIDTHxHEIGHT.")
+    seconds: str = Field(description="The clip's duration, num_frames / fps (OpenAI's).")
+
+
+VideoJob = create_model(
+    "VideoJob",
+    __base__=_Job,
+    **{name: (TYPES[kind(name)] | None, Field(default=None, description=spec(name).help)) for name in SPECS},
+    **{
+        old: (TYPES[kind(name)] | None, Field(default=None, description=f"Deprecated: use {name}.", deprecated=True))
+        for name in SPECS
+        for old in spec(name).aliases
+    },
+)
 
 
 class VideoList(BaseModel):
@@ -223,5 +180,6 @@ class Health(BaseModel):
     auth: bool = Field(description="Whether /v1 needs Authorization: Bearer <key>.")
     defaults: dict[str, Any]
     limits: dict[str, Any]
+    bounds: dict[str, Any] = Field(default_factory=dict, description="[low, high] of each numeric setting here.")
     samplers: list[str]
     loras: list[str] = Field(default_factory=list, description="The LoRA adapters requests may name.")

@@ -17,6 +17,7 @@ from cinematic.serve.metrics import Histogram
 from cinematic.serve.settings import Settings
 from cinematic.serve.store import Job, Params, Store
 from cinematic.serve.worker import Worker
+from cinematic.settings import ModelFacts
 
 if TYPE_CHECKING:
     from cinematic.pipeline import Pipeline
@@ -28,15 +29,11 @@ STOP_SECONDS = 120.0  # how long stopping waits for a worker that is writing its
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What requests are checked against and default to: the served model's trained clip."""
+    """What requests are checked against and default to: the served model's name and its facts (trained clip,
+    schedule length, UNet depth)."""
 
     name: str
-    frames: int
-    width: int
-    height: int
-    fps: float
-    min_size: int
-    max_steps: int  # the schedule's training timesteps: more sampling steps than that have no meaning
+    facts: ModelFacts
 
 
 class Service:
@@ -74,10 +71,7 @@ class Service:
         except BaseException:
             self.store.close()
             raise
-        pipe = self.workers[0].pipeline
-        d = pipe.model.config.defaults
-        timesteps = pipe.model.config.schedule.num_train_timesteps
-        self.model = ModelInfo(settings.model, d.frames, d.width, d.height, float(d.fps), pipe.min_size, timesteps)
+        self.model = ModelInfo(settings.model, self.workers[0].pipeline.facts)
         self._started = False
 
     def start(self) -> None:

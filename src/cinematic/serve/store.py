@@ -25,11 +25,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cinematic.errors import CinematicError
+from cinematic.settings import ALIASES, Settings
 
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
@@ -59,55 +60,34 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class Params:
-    """Everything a worker needs to make the video again, identically: the seed is fixed at submission."""
+    """Everything a worker needs to make the video again, identically: the resolved settings (the seed is drawn at
+    submission), the served model's name, the uploads (names in the data folder's uploads, see files.Inputs) and the
+    adapters (``(name, scale)`` pairs from the server's adapter folder).
 
-    prompt: str
-    negative_prompt: str | None
+    Stored as one flat JSON object: the settings by name beside ``model``, ``init_video``, ``init_image`` and
+    ``loras``. Rows written before the settings were renamed (``frames``, ``steps``, ``guidance``) still load."""
+
+    settings: Settings
     model: str
-    frames: int
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    seed: int
-    sampler: str
-    fps: float
-    # Beyond one text-to-video clip (issue 7); defaults keep rows written before these fields readable. ``prompt``
-    # is "" when ``prompt_schedule`` is given. Uploads are names in the data folder's uploads (see files.Inputs),
-    # LoRAs ``(name, scale)`` pairs from the server's adapter folder.
-    prompt_schedule: str | None = None
-    window: int | None = None
-    window_stride: int | None = None
     init_video: str | None = None
     init_image: str | None = None
-    strength: float | None = None
-    loop: bool = False
-    freeu: bool = False
-    freeinit: int = 0
     loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loras", tuple((str(n), float(s)) for n, s in self.loras))  # JSON gives lists
 
-    def pipeline_kwargs(self) -> dict:
-        """The keyword arguments of ``Pipeline.validate`` and ``Pipeline.__call__`` that these settings fill (the
-        pictures and adapters, which are files, are the worker's to add)."""
-        return {
-            "negative_prompt": self.negative_prompt,
-            "num_frames": self.frames,
-            "height": self.height,
-            "width": self.width,
-            "steps": self.steps,
-            "guidance_scale": self.guidance,
-            "seed": self.seed,
-            "sampler": self.sampler,
-            "prompt_schedule": self.prompt_schedule,
-            "window": self.window,
-            "window_stride": self.window_stride,
-            "loop": self.loop,
-            "freeu": self.freeu,
-            "freeinit": self.freeinit,
-        }
+    def to_json(self) -> str:
+        files = {"init_video": self.init_video, "init_image": self.init_image, "loras": self.loras}
+        return json.dumps({**self.settings.values(), "model": self.model, **files})
+
+    @classmethod
+    def from_json(cls, text: str) -> Params:
+        values = json.loads(text)
+        files = {name: values.pop(name) for name in ("model", "init_video", "init_image", "loras") if name in values}
+        if values.get("prompt") == "" and values.get("prompt_schedule"):
+            values["prompt"] = None  # rows of the first store wrote "" for a scheduled prompt
+        renamed = {ALIASES.get(name, name): value for name, value in values.items()}
+        return cls(Settings(**renamed), **files)
 
 
 @dataclass(frozen=True)
@@ -223,7 +203,7 @@ class Store:
             job_id = new_id()
             db.execute(
                 "INSERT INTO jobs (id, status, params, created_at) VALUES (?, 'queued', ?, ?)",
-                (job_id, json.dumps(asdict(params)), _now()),
+                (job_id, params.to_json(), _now()),
             )
             return _job(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
@@ -321,7 +301,7 @@ _COLUMNS = "id, status, params, created_at, started_at, completed_at, error, att
 
 def _job(row: tuple[Any, ...]) -> Job:
     job_id, status, params, created, started, completed, error, attempts, seconds = row
-    return Job(job_id, status, Params(**json.loads(params)), created, started, completed, error, attempts, seconds)
+    return Job(job_id, status, Params.from_json(params), created, started, completed, error, attempts, seconds)
 
 
 def _now() -> int:

@@ -95,7 +95,7 @@ class Worker(threading.Thread):
         with self._state:
             self._current, self._progress = job.id, 0
             self._cancel.clear()
-        log.info("started %s on %s (attempt %d, seed %d)", job.id, self.device, job.attempts, job.params.seed)
+        log.info("started %s on %s (attempt %d, seed %d)", job.id, self.device, job.attempts, job.params.settings.seed)
         start = time.monotonic()
         try:
             clip = self._generate(job.id, job.params)
@@ -128,12 +128,11 @@ class Worker(threading.Thread):
 
             torch.set_num_threads(self.threads)
         clip = self.pipeline(
-            p.prompt,
-            **p.pipeline_kwargs(),
+            **p.settings.values(),
             **(self.inputs.call_kwargs(p) if self.inputs is not None else {}),
             progress=False,
             callback=self._step,
-        )
+        )[0]
         # The served name, not the folder the weights were read from: file metadata should not leak server paths.
         clip.metadata = {**clip.metadata, "model": p.model, "id": job_id}
         return clip

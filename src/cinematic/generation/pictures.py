@@ -18,31 +18,24 @@ resampling). The final latent's pinned frames are set to ``z`` itself, so they d
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cinematic.errors import CinematicError
+from cinematic.generation.noise import initial_noise, latent_shape
+
+if TYPE_CHECKING:
+    from cinematic.models.components import Model
+    from cinematic.settings import Settings
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 PathOrFrames = str | os.PathLike[str] | np.ndarray | Tensor
-
-
-def check_strength(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise CinematicError(f"strength must be a number from 0 to 1, not {value!r}")
-    return float(value)
-
-
-def check_loop(loop: Any, num_frames: int) -> bool:
-    if loop and num_frames < 2:
-        raise CinematicError(f"a looping video needs at least 2 frames, not {num_frames}")
-    return bool(loop)
 
 
 def start_step(steps: int, strength: float) -> int:
@@ -208,53 +201,24 @@ class Start:
         return Pin(self.known, noise[:, :, 0], self.loop)
 
 
-def starting_point(pipe: Any, request: Any, pictures: Pictures | None) -> Start:
-    """The :class:`Start` of ``request`` on a :class:`~cinematic.pipeline.Pipeline` (text-to-video: the seed's noise
-    as :meth:`~cinematic.pipeline.Pipeline.initial_noise` draws it)."""
-    if pictures is None or pictures.video is not None and request.strength == 1.0:
-        noise, generator = pipe.initial_noise(request)
-        return Start(noise, generator, loop=request.loop)
-    size = (request.height, request.width)
+def starting_point(
+    model: Model, settings: Settings, count: int, seeds: Sequence[int], pictures: Pictures | None, dtype: torch.dtype
+) -> Start:
+    """Where sampling of ``count`` videos of ``settings`` begins. Text-to-video and first-frame animation start from
+    the seeds' noise (:func:`cinematic.generation.noise.initial_noise`); video-to-video from the encoded clip."""
+    device = next(model.unet.parameters()).device
+    s = settings
+    if pictures is None or pictures.video is not None and s.strength == 1.0:
+        noise, generator = initial_noise(model.config, s, seeds)
+        return Start(noise.to(device), generator, loop=s.loop)
     if pictures.image is not None:
-        noise, generator = pipe.initial_noise(request)
-        still = fit_frames(pictures.image[None], 1, *size).to(pipe.device)  # [1,3,1,H,W]
-        known = encode_image(pipe.model.vae, still, pipe.dtype).expand(request.count, -1, -1, -1)
-        return Start(noise, generator, known=known, loop=request.loop)
-    clip = fit_frames(pictures.video, request.num_frames, *size).to(pipe.device)  # [1,3,F,H,W]
-    f = pipe.model.config.vae.downsample_factor
-    shape = (1, pipe.model.config.unet.in_channels, request.num_frames, request.height // f, request.width // f)
-    generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.count)]
-    init, noise = encode_video_start(pipe.model.vae, clip, generators, shape, pipe.dtype)
-    start = start_step(request.steps, request.strength)
-    return Start(noise, generators[0], init=init, start=start, loop=request.loop)
-
-
-def cli_kwargs(
-    init_video: str | None,
-    init_image: str | None,
-    strength: float | None,
-    loop: bool,
-    frames: int | None,
-    freeu: bool,
-    freeinit: int,
-) -> dict[str, Any]:
-    """``cinematic generate``'s picture, FreeU and FreeInit options, checked and loaded before the model is: the
-    keyword arguments for :meth:`~cinematic.pipeline.Pipeline.__call__`."""
-    if strength is not None and init_video is None:
-        raise CinematicError("--strength applies to --init-video only")
-    strength = check_strength(0.6 if strength is None else strength)
-    if loop and frames is not None:
-        check_loop(loop, frames)
-    if isinstance(freeinit, bool) or not isinstance(freeinit, int) or not 0 <= freeinit <= 10:
-        raise CinematicError(f"--freeinit must be an integer from 0 to 10, not {freeinit!r}")
-    pictures = load_pictures(init_video, init_image)
-    if loop and frames is None and pictures is not None and pictures.video is not None:
-        check_loop(loop, len(pictures.video))
-    return {
-        "init_video": None if pictures is None else pictures.video,
-        "init_image": None if pictures is None else pictures.image,
-        "strength": strength,
-        "loop": loop,
-        "freeu": freeu,
-        "freeinit": freeinit,
-    }
+        noise, generator = initial_noise(model.config, s, seeds)
+        still = fit_frames(pictures.image[None], 1, s.height, s.width).to(device)  # [1,3,1,H,W]
+        known = encode_image(model.vae, still, dtype).expand(count, -1, -1, -1)
+        return Start(noise.to(device), generator, known=known, loop=s.loop)
+    clip = fit_frames(pictures.video, s.num_frames, s.height, s.width).to(device)  # [1,3,F,H,W]
+    shape = latent_shape(model.config, s, s.num_frames)
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    init, noise = encode_video_start(model.vae, clip, generators, shape, dtype)
+    start = start_step(s.num_inference_steps, s.strength)
+    return Start(noise, generators[0], init=init, start=start, loop=s.loop)

@@ -1,0 +1,53 @@
+"""A model loaded for generation: the networks in the dtype they compute in, with the CPU's fast convolutions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cinematic.errors import CinematicError
+from cinematic.models import winograd
+from cinematic.models.components import Model
+from cinematic.models.precision import compute_in, quantize_int8
+from cinematic.weights import build_networks, load, open_source
+from cinematic.weights.files import load_into
+
+
+def load_model(
+    model: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    tokenizer: str | Path | None = None,
+    variant: str | None = None,
+    int8: bool = False,
+    use_winograd: bool = True,
+) -> Model:
+    """The networks of ``model``, stored in ``dtype`` and computing in ``compute_dtype``; ``int8`` quantizes the
+    UNet's Linear layers (CPU, fp32 compute only); ``use_winograd`` runs the large 3x3 convolutions of the UNet and
+    VAE with Winograd's F(2x2, 3x3) on the CPU in fp32 (:mod:`cinematic.models.winograd`)."""
+    if int8 and (device.type != "cpu" or compute_dtype != torch.float32):
+        raise CinematicError("int8 runs on the CPU with float32 compute only; allowed: --device cpu --compute fp32")
+    loaded = load(model, device=device, dtype=dtype, tokenizer=tokenizer, variant=variant)
+    if compute_dtype != dtype:
+        for network in (loaded.unet, loaded.text_encoder, loaded.vae):
+            compute_in(network, compute_dtype)
+    if int8:
+        quantize_int8(loaded.unet)
+    if use_winograd and device.type == "cpu" and compute_dtype == torch.float32:
+        for network in (loaded.unet, loaded.vae):
+            winograd.enable(network)
+    return loaded
+
+
+def load_text_encoder(
+    model: str | Path, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype, variant: str | None
+) -> torch.nn.Module:
+    """The text encoder of ``model`` alone, as :func:`load_model` loads it (to load it again after it was freed)."""
+    source = open_source(model, variant=variant)
+    network = build_networks(source.config)["text_encoder"]
+    load_into(network, source.readers["text_encoder"](dtype), f"{source.files['text_encoder']}", dtype, device)
+    if compute_dtype != dtype:
+        compute_in(network, compute_dtype)
+    return network.eval()
