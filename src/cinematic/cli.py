@@ -83,6 +83,7 @@ def _lora_specs(specs: list[str]) -> list[tuple[str, float]]:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from cinematic.allocator import keep_freed_memory
     from cinematic.pipeline import check_acceleration, check_guidance, check_guidance_stop, check_sampler, random_seed
 
     if args.prompt_schedule is not None:
@@ -98,6 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_guidance(args.guidance)
     check_guidance_stop(args.guidance_stop)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # process-wide, this command's to make: the steps reuse the heap (cinematic.allocator)
     check_acceleration(args.compile, args.cuda_graphs, device)
     if args.cache_interval < 1 or args.cache_depth < 1:
         raise CinematicError("--cache-interval and --cache-depth must be at least 1")

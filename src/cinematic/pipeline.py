@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cinematic.allocator import keep_freed_memory, release_free_memory
+from cinematic.allocator import release_free_memory
 from cinematic.errors import CinematicError
 from cinematic.models.components import Model
 
@@ -180,8 +180,6 @@ class Pipeline:
         """
         from cinematic.weights import load
 
-        if torch.device(device).type == "cpu":
-            keep_freed_memory()  # the step's tensors reuse the heap instead of fresh pages (cinematic.allocator)
         compute_dtype = compute_dtype or dtype
         if int8 and (torch.device(device).type != "cpu" or compute_dtype != torch.float32):
             raise CinematicError("int8 runs on the CPU with float32 compute only; allowed: --device cpu --compute fp32")

@@ -67,10 +67,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     import torch
 
+    from cinematic.allocator import keep_freed_memory
     from cinematic.eval.judge import evaluate
 
     captions = _check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # process-wide, this command's to make: the steps reuse the heap (cinematic.allocator)
     pipe = same_seed_pipeline(args.model, device)
     began = time.perf_counter()
     videos: dict[str, list] = {caption: [] for caption in captions}
