@@ -79,6 +79,8 @@ def switch(pipe, captions: list[str], seeds: int, frames: int, steps: int) -> di
 CHILD = """
 import resource, sys, torch
 torch.set_num_threads(1)
+from cinematic.allocator import keep_freed_memory
+keep_freed_memory()  # as `cinematic generate` does on the CPU
 from cinematic.pipeline import Pipeline
 pipe = Pipeline.from_pretrained({model!r})
 video = pipe("a red circle moving right", num_frames={frames}, steps={steps}, seed=0, progress=False, **{extra!r})

@@ -83,9 +83,11 @@ def main() -> None:
 
     from diffusers import TextToVideoSDPipeline
 
+    from cinematic.allocator import keep_freed_memory
     from cinematic.pipeline import Pipeline
 
     folder = write_model(args.workdir / "pipeline-small")
+    keep_freed_memory()  # as `cinematic generate` does on the CPU (both pipelines run in this process)
     ours = Pipeline.from_pretrained(folder)
     theirs = TextToVideoSDPipeline.from_pretrained(folder)
     theirs.set_progress_bar_config(disable=True)

@@ -40,8 +40,11 @@ def running(data: Path, **changes: Any) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from cinematic.serve.app import create_app
+    from cinematic.serve.service import configure_process
 
-    with TestClient(create_app(quick_settings(data, **changes))) as client:
+    settings = quick_settings(data, **changes)
+    configure_process(settings)  # as `cinematic serve` does; conftest restores the thread count for the next test
+    with TestClient(create_app(settings)) as client:
         yield client
 
 

@@ -1,6 +1,7 @@
 """cinematic.allocator: large tensors come from (and go back to) the heap, not fresh mmap pages.
 
-Each case runs in a child process: the setting is process-wide and cannot be undone.
+Each case runs in a child process: the setting is process-wide and cannot be undone. No library call makes it (see
+test_process_state.py); ``cinematic generate`` does at start, and so must any program that wants it.
 """
 
 import os
@@ -25,6 +26,16 @@ PROBE = textwrap.dedent(
 
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = MallInfo2
+    if sys.argv[1] == "generate":  # the command up to loading the model, which is stopped there
+        from cinematic.cli import main
+        from cinematic.errors import CinematicError
+        from cinematic.pipeline import Pipeline
+
+        def stop(*args, **kwargs):
+            raise CinematicError("stopped before loading")
+
+        Pipeline.from_pretrained = stop
+        assert main(["generate", "a red cat", "--model", "shapes", "--device", "cpu"]) == 2
     applied = keep_freed_memory() if sys.argv[1] == "on" else False
     before = libc.mallinfo2()
     t = torch.ones(16 * 2**20)
@@ -63,6 +74,11 @@ def test_large_tensors_come_from_the_heap_and_stay_there(glibc):
     assert applied == 1
     assert mmapped < 2**20  # none of the tensor is in an mmap'd block
     assert arena >= 64 * 2**20  # freed, but kept for the next tensor
+
+
+def test_cinematic_generate_sets_it_at_start(glibc):
+    _, mmapped, _ = _probe("generate")
+    assert mmapped < 2**20  # the command's setting: the tensor is on the heap
 
 
 def test_environment_opt_out(glibc):

@@ -15,6 +15,11 @@ can hold more than the live tensors need. :func:`release_free_memory` hands the 
 (the pipeline calls it after sampling and when it frees the text encoder), so what the steps kept does not add to
 the decode's peak.
 
+The setting is the whole process's, so no library call makes it (loading a model or running a pipeline leaves the
+allocator as it is): the entry points do, at start, when they run on the CPU (``cinematic generate``, ``cinematic
+eval``, ``cinematic serve``). A program that uses the Python API calls :func:`keep_freed_memory` itself, once,
+before its first model, to get the same speed. It only moves where tensors live, never what they hold.
+
 Only glibc has ``mallopt``; elsewhere (macOS, Windows, musl) this does nothing. ``CINEMATIC_MALLOC=system`` in the
 environment leaves the allocator as it is.
 """

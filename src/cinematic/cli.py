@@ -114,8 +114,11 @@ def _device(args: argparse.Namespace) -> str:
 def _load_pipeline(args: argparse.Namespace, device: str, loras: list[tuple[str, float]]) -> Any:
     import torch
 
+    from cinematic.allocator import keep_freed_memory
     from cinematic.pipeline import Pipeline
 
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # process-wide, this command's to make: the steps reuse the heap (cinematic.allocator)
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     return Pipeline.from_pretrained(
         args.model, device=device, dtype=getattr(torch, DTYPES[dtype]), tokenizer=args.tokenizer,

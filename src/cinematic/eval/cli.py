@@ -67,11 +67,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     import torch
 
+    from cinematic.allocator import keep_freed_memory
     from cinematic.eval.judge import evaluate
     from cinematic.pipeline import Pipeline
 
     captions, settings = _check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # process-wide, this command's to make: the steps reuse the heap (cinematic.allocator)
     pipe = Pipeline.from_pretrained(args.model, device=device)
     began = time.perf_counter()
     videos: dict[str, list] = {caption: [] for caption in captions}

@@ -56,7 +56,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         f"env {ENV['devices'][0]}, comma-separated)",
     )
     _flag(parser, "--dtype", "dtype", "weights precision", "fp16 on CUDA, fp32 on CPU", choices=DTYPES)
-    _flag(parser, "--threads", "threads", "torch CPU threads per worker", "torch's", type=int)
+    _flag(parser, "--threads", "threads", "torch CPU threads, set once for the server process", "torch's", type=int)
     _flag(parser, "--log-level", "log_level", "log level; info logs every request", choices=LOG_LEVELS)
     _flag(
         parser, "--lora-dir", "lora_dir", "folder of LoRA adapters that requests may name (NAME.safetensors or NAME/)"
@@ -91,6 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     log_config = _log_config(settings.log_level)
     logging.config.dictConfig(log_config)  # now, so that recovery and model loading are logged like the rest
     from cinematic.serve.app import create_app
+    from cinematic.serve.service import configure_process
+
+    configure_process(settings)  # the process's thread count and allocator, once, before the model loads
 
     try:
         app = create_app(settings)

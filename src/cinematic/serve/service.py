@@ -63,7 +63,6 @@ class Service:
                     self.store,
                     self.files,
                     self.generation,
-                    settings.threads,
                     self.inputs,
                 )
                 for device in devices
@@ -134,6 +133,27 @@ class Service:
     @property
     def busy_workers(self) -> int:
         return sum(worker.busy for worker in self.workers)
+
+
+def configure_process(settings: Settings) -> None:
+    """The server's process-wide settings, made once at start, before any model loads or worker runs: torch's CPU
+    thread count (``settings.threads``) and, when a worker runs on the CPU, glibc's allocator setting
+    (:func:`cinematic.allocator.keep_freed_memory`). ``cinematic serve`` calls it; an application that serves
+    :func:`cinematic.serve.app.create_app` itself calls it first, or makes its own choices. Opening a
+    :class:`Service` changes neither.
+
+    The thread count is the process's, not a worker's: torch has one, and each worker thread takes it on its first
+    operation. The server runs one worker per device and at most one on the CPU, whose operations use these threads;
+    CUDA workers use them only for their CPU-side work.
+    """
+    import torch
+
+    from cinematic.allocator import keep_freed_memory
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    if any(torch.device(device).type == "cpu" for device in settings.devices or _default_devices()):
+        keep_freed_memory()
 
 
 def _default_devices() -> tuple[str, ...]:

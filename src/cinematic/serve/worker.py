@@ -40,13 +40,12 @@ class Worker(threading.Thread):
         store: Store,
         files: Files,
         generation: Histogram,
-        threads: int | None = None,
         inputs: Inputs | None = None,
     ):
         super().__init__(name=f"cinematic-worker-{device}", daemon=True)
         self.device, self.pipeline, self.store, self.files = device, pipeline, store, files
         self.inputs = inputs
-        self.generation, self.threads = generation, threads
+        self.generation = generation
         self._wake, self._stopping, self._cancel = threading.Event(), threading.Event(), threading.Event()
         self._state = threading.Lock()
         self._current: str | None = None
@@ -123,10 +122,6 @@ class Worker(threading.Thread):
                 self._current = None
 
     def _generate(self, job_id: str, p: Params) -> Video:
-        if self.threads is not None:
-            import torch
-
-            torch.set_num_threads(self.threads)
         clip = self.pipeline(
             **p.settings.values(),
             **(self.inputs.call_kwargs(p) if self.inputs is not None else {}),

@@ -97,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from cinematic.allocator import keep_freed_memory
     from cinematic.pipeline import Pipeline
     from cinematic.train import TrainConfig, train
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as `cinematic generate` does on the CPU (cinematic.allocator)
     began = time.perf_counter()
     run = args.out / "run"
     if not args.skip_train:

@@ -6,10 +6,10 @@ never holds a randomly initialised copy beside the real weights.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from cinematic.errors import CinematicError
 from cinematic.weights.source import Source, has_tokenizer
@@ -20,6 +20,8 @@ LAYOUT_MARKERS = {
     "configuration.json": "modelscope",
 }
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets"
+# In-place methods that only write values (what torch.nn.init's functions call), skipped on meta by _SkipInit.
+_FILLS = ("uniform_", "normal_", "fill_", "zero_", "erfinv_", "mul_", "add_", "clamp_", "copy_")
 
 
 def resolve(model: str | Path) -> Path:
@@ -87,23 +89,31 @@ def build_networks(config, device: torch.device | str = "cpu"):
     from cinematic.models.unet3d import UNet3D
     from cinematic.models.vae import VAE
 
-    with torch.device("meta"), _skip_init():
+    with torch.device("meta"), _SkipInit():
         return {"unet": UNet3D(config.unet), "text_encoder": TextEncoder(config.text_encoder), "vae": VAE(config.vae)}
 
 
-@contextlib.contextmanager
-def _skip_init():
+class _SkipInit(TorchFunctionMode):
     """No weight initialisation while building on meta: the weights are about to be assigned, and some initialisers
-    (nn.Embedding's normal_) make PyTorch import torch._dynamo for meta tensors, which costs seconds."""
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
+    (nn.Embedding's normal_) make PyTorch import torch._dynamo for meta tensors, which costs seconds.
+
+    A torch function mode rather than replacing ``torch.nn.init``'s functions: modes live on the calling thread's
+    stack, so another thread building or initialising a network at the same time is untouched. The mode drops the
+    initialisers (the ``torch.nn.init`` functions that dispatch to modes) and the value-writing in-place methods they
+    call, and only on meta tensors, which hold no values to write; every other call runs as usual.
+    """
+
+    SKIPPED = frozenset(
+        [fn for name, fn in vars(torch.nn.init).items() if name.endswith("_") and not name.startswith("_")]
+        + [getattr(torch.Tensor, name) for name in _FILLS]
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if func in self.SKIPPED and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
 
 
 def load(
