@@ -493,8 +493,8 @@ def judge(spec: dict[str, Any]) -> None:
     video ``s`` from seed ``s`` as ``cinematic eval`` makes them."""
     _torch(spec)
     from cinematic.data.shapes import ALL_CAPTIONS
-    from cinematic.eval.cli import same_seed_pipeline
     from cinematic.eval.judge import evaluate
+    from cinematic.eval.videos import same_seed_pipeline
 
     pipe = same_seed_pipeline("shapes", spec["device"])
     d = pipe.model.config.defaults

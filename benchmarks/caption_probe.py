@@ -41,8 +41,8 @@ def sensitivity(pipe, timesteps=(999, 900, 700, 500, 200)) -> None:
 
 
 def four_directions(pipe, seeds: int) -> None:
-    from cinematic.eval.cli import generate
     from cinematic.eval.judge import judge_video
+    from cinematic.eval.videos import generate
 
     right = total = 0
     for obj in OBJECTS:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the four-directions probe (default 2)")
     args = parser.parse_args(argv)
-    from cinematic.eval.cli import same_seed_pipeline
+    from cinematic.eval.videos import same_seed_pipeline
 
     pipe = same_seed_pipeline(args.model, "cpu")
     sensitivity(pipe)

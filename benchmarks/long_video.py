@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cinematic.eval.cli import same_seed_pipeline
+    from cinematic.eval.videos import same_seed_pipeline
 
     torch.set_num_threads(1)
     pipe = same_seed_pipeline(args.model, "cpu")

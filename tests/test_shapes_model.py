@@ -25,7 +25,7 @@ SEEDS = (0,)
 
 @pytest.fixture(scope="module")
 def pipe():
-    from cinematic.eval.cli import same_seed_pipeline
+    from cinematic.eval.videos import same_seed_pipeline
 
     return same_seed_pipeline("shapes", "cpu")
 
@@ -48,7 +48,7 @@ def test_seen_captions_meet_the_seen_bar(pipe):
     `cinematic eval --seeds 4` measures this model at 94.4% all correct on the 40 seen captions (every miss a blue
     square; docs/shapes.md); a broken loader, sampler or decoder lands near chance on every attribute.
     """
-    from cinematic.eval.cli import generate
+    from cinematic.eval.videos import generate
 
     videos = {caption: [] for caption in CAPTIONS}
     for seed in SEEDS:

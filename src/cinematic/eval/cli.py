@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from cinematic.eval.judge import evaluate
+    from cinematic.eval.videos import generate, same_seed_pipeline
 
     captions = _check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,28 +114,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def generate(
-    pipe: Any,
-    captions: Sequence[str],
-    seed: int,
-    steps: int,
-    guidance: float,
-    sampler: str,
-    freeu: bool = False,
-    freeinit: int = 0,
-    **fast: Any,
-) -> list:
-    """One video per caption, each from the noise of ``seed``, at the model's trained clip size: uint8 numpy
-    ``[F, H, W, 3]`` each. ``fast``: the fast modes of ``Pipeline.validate`` (cache_interval, guidance_stop...)."""
-    d = pipe.model.config.defaults
-    request = pipe.validate(
-        list(captions), num_frames=d.frames, height=d.height, width=d.width, steps=steps, guidance_scale=guidance,
-        seed=seed, sampler=sampler, freeu=freeu, freeinit=freeinit, **fast,
-    )  # fmt: skip
-    frames = pipe.decode(pipe.sample(request, progress=False))
-    return [f.cpu().numpy() for f in frames]
-
-
 def _save(videos: dict[str, list], folder: Path, fps: float) -> None:
     from cinematic import video
 
@@ -143,20 +121,3 @@ def _save(videos: dict[str, list], folder: Path, fps: float) -> None:
     for caption, clips in videos.items():
         for seed, frames in enumerate(clips):
             video.write(folder / f"{caption.replace(' ', '-')}-{seed}.mp4", frames, fps=fps)
-
-
-def same_seed_pipeline(model: str | Path, device: str) -> Any:
-    """A :class:`cinematic.pipeline.Pipeline` whose prompts all start from the noise of the call's seed itself
-    (``generate`` gives video ``i`` seed + i), so that a batch of captions makes for each the video that
-    ``cinematic generate CAPTION --seed`` makes. Built here so that importing this module does not import torch."""
-    import dataclasses
-
-    from cinematic.pipeline import Pipeline
-
-    class SameSeedPipeline(Pipeline):
-        def initial_noise(self, request):
-            one = dataclasses.replace(request, prompts=request.prompts[:1], num_videos=1)
-            noise, generator = super().initial_noise(one)  # [1,C,F,h,w]
-            return noise.expand(request.count, *noise.shape[1:]).contiguous(), generator
-
-    return SameSeedPipeline.from_pretrained(model, device=device)
