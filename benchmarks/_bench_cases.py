@@ -508,10 +508,10 @@ def judge(spec: dict[str, Any]) -> None:
     video ``s`` from seed ``s`` as ``cinematic eval`` makes them."""
     _torch(spec)
     from cinematic.data.shapes import ALL_CAPTIONS
-    from cinematic.eval.cli import same_seed_pipeline
     from cinematic.eval.judge import evaluate
+    from cinematic.pipeline import Pipeline
 
-    pipe = same_seed_pipeline("shapes", spec["device"])
+    pipe = Pipeline.from_pretrained("shapes", device=spec["device"])
     d = pipe.model.config.defaults
     out = {}
     for name, (sampler, steps, settings) in JUDGE_MODES.items():
@@ -521,8 +521,8 @@ def judge(spec: dict[str, Any]) -> None:
         start = time.perf_counter()
         for seed in range(spec["seeds"]):
             request = pipe.validate(
-                list(ALL_CAPTIONS), num_frames=d.frames, height=d.height, width=d.width, steps=steps,
-                guidance_scale=GUIDANCE, seed=seed, sampler=sampler, **settings,
+                list(ALL_CAPTIONS), num_frames=d.frames, height=d.height, width=d.width, num_inference_steps=steps,
+                guidance_scale=GUIDANCE, seed=seed, sampler=sampler, same_seed=True, **settings,
             )  # fmt: skip
             for caption, frames in zip(ALL_CAPTIONS, pipe.decode(pipe.sample(request, progress=False))):
                 videos[caption].append(frames.numpy())

@@ -41,15 +41,15 @@ def sensitivity(pipe, timesteps=(999, 900, 700, 500, 200)) -> None:
 
 
 def four_directions(pipe, seeds: int) -> None:
-    from cinematic.eval.cli import generate
     from cinematic.eval.judge import judge_video
+    from cinematic.eval.videos import generate
 
     right = total = 0
     for obj in OBJECTS:
         captions = [f"a {obj} moving {d}" for d in DIRECTIONS]
         for seed in range(seeds):
             row = []
-            for caption, frames in zip(captions, generate(pipe, captions, seed, 50, 9.0, "ddim")):
+            for caption, frames in zip(captions, generate(pipe, captions, seed)):
                 verdict = judge_video(frames)
                 asked = caption.rsplit(" ", 1)[1]
                 right += verdict.direction == asked
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the four-directions probe (default 2)")
     args = parser.parse_args(argv)
-    from cinematic.eval.cli import same_seed_pipeline
+    from cinematic.pipeline import Pipeline
 
-    pipe = same_seed_pipeline(args.model, "cpu")
+    pipe = Pipeline.from_pretrained(args.model)
     sensitivity(pipe)
     four_directions(pipe, args.seeds)
 

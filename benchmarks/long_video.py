@@ -42,7 +42,7 @@ def consistency(pipe, captions: list[str], seeds: int, frames: int, steps: int) 
     kept = matched = total = 0
     rows = []
     for seed in range(seeds):
-        request = pipe.validate(captions, num_frames=frames, steps=steps, seed=seed)
+        request = pipe.validate(captions, num_frames=frames, num_inference_steps=steps, seed=seed, same_seed=True)
         videos = [v.cpu().numpy() for v in pipe.decode(pipe.sample(request, progress=False))]
         for caption, video in zip(captions, videos):
             colour, shape, _ = parse_caption(caption)
@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cinematic.eval.cli import same_seed_pipeline
+    from cinematic.pipeline import Pipeline
 
     torch.set_num_threads(1)
-    pipe = same_seed_pipeline(args.model, "cpu")
+    pipe = Pipeline.from_pretrained(args.model)
     captions = captions_for(args.captions)
     report: dict = {"settings": vars(args) | {"json": None, "captions": captions}}
     began = time.perf_counter()

@@ -353,8 +353,28 @@ def test_generate_with_every_fast_and_lean_switch(folder, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     metadata = video.read(out).metadata
     assert metadata["cache_interval"] == 2 and metadata["cache_depth"] == 2 and metadata["guidance_stop"] == 0.6
-    assert main(["generate", "a cat", "-o", str(tmp_path / "q.mp4"), "--model", str(folder), "--int8",
-                 "--num-inference-steps", "1", "--num-frames", "2", "--height", "32", "--width", "32"]) == 0  # noqa: E501
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "-o",
+                str(tmp_path / "q.mp4"),
+                "--model",
+                str(folder),
+                "--int8",
+                "--num-inference-steps",
+                "1",
+                "--num-frames",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+            ]
+        )
+        == 0
+    )  # noqa: E501
 
 
 @pytest.mark.parametrize(

@@ -337,8 +337,9 @@ def test_purple_renders_and_is_judged_only_when_asked_for():
 
 def test_a_lora_trains_from_a_folder_of_mp4_clips_with_captions(base: Path, tmp_path: Path):
     """The mechanics of scripts/lora_purple on tiny data: mp4 files + captions.jsonl in, an adapter out."""
+    from recipes.lora_purple import PURPLE_CAPTIONS, write_clips
+
     from cinematic.train import TrainConfig, train
-    from cinematic.train.lora_purple import PURPLE_CAPTIONS, write_clips
 
     captions = write_clips(tmp_path / "clips", per_caption=1)
     rows = [json.loads(line) for line in captions.read_text().splitlines()]

@@ -168,16 +168,15 @@ def test_generate_sets_the_allocator_at_start_on_cpu(allocator_calls, monkeypatc
     from cinematic.cli import main
 
     monkeypatch.setattr(Pipeline, "from_pretrained", stop_loading)
-    assert main(["generate", "a red cat", "--model", "shapes", "--device", device, "--steps", "2"]) == 2
+    assert main(["generate", "a red cat", "--model", "shapes", "--device", device, "--num-inference-steps", "2"]) == 2
     assert allocator_calls == expected
 
 
 def test_eval_sets_the_allocator_at_start_on_cpu(allocator_calls, monkeypatch):
-    import cinematic.eval.cli as eval_cli
     from cinematic.cli import main
 
-    monkeypatch.setattr(eval_cli, "same_seed_pipeline", stop_loading)
-    assert main(["eval", "--device", "cpu", "--seeds", "1", "--steps", "2"]) == 2
+    monkeypatch.setattr(Pipeline, "from_pretrained", stop_loading)
+    assert main(["eval", "--device", "cpu", "--seeds", "1", "--num-inference-steps", "2"]) == 2
     assert allocator_calls == ["keep_freed_memory"]
 
 

@@ -170,9 +170,9 @@ def test_dataset_rejects_bad_arguments(kwargs):
 
 
 def test_the_vae_stage_data_can_recolour_objects():
-    """shapes_recipe.MixedFrames: frame f of item i is frame f of dataset item i*F+f; with ``other_colours`` some
-    objects take a random colour while the background stays."""
-    from cinematic.train.shapes_recipe import MixedFrames
+    """recipes/train_shapes.py's MixedFrames: frame f of item i is frame f of dataset item i*F+f; with
+    ``other_colours`` some objects take a random colour while the background stays."""
+    from recipes.train_shapes import MixedFrames
 
     plain = MixedFrames(0, frames=4)
     video = plain[1]["video"]

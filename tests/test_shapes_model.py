@@ -25,9 +25,9 @@ SEEDS = (0,)
 
 @pytest.fixture(scope="module")
 def pipe():
-    from cinematic.eval.cli import same_seed_pipeline
+    from cinematic.pipeline import Pipeline
 
-    return same_seed_pipeline("shapes", "cpu")
+    return Pipeline.from_pretrained("shapes")
 
 
 def test_bundled_model_fits_the_package():
@@ -48,11 +48,11 @@ def test_seen_captions_meet_the_seen_bar(pipe):
     `cinematic eval --seeds 4` measures this model at 94.4% all correct on the 40 seen captions (every miss a blue
     square; docs/shapes.md); a broken loader, sampler or decoder lands near chance on every attribute.
     """
-    from cinematic.eval.cli import generate
+    from cinematic.eval.videos import generate
 
     videos = {caption: [] for caption in CAPTIONS}
     for seed in SEEDS:
-        for caption, frames in zip(CAPTIONS, generate(pipe, CAPTIONS, seed, steps=50, guidance=9.0, sampler="ddim")):
+        for caption, frames in zip(CAPTIONS, generate(pipe, CAPTIONS, seed)):
             assert frames.shape == (16, 32, 32, 3)
             videos[caption].append(frames)
     report = evaluate(videos)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cinematic.data.files import read_captions
 from cinematic.data.shapes import ShapesDataset
 from cinematic.errors import CinematicError
 from cinematic.train import TrainConfig, train
-from cinematic.train.data import read_captions
 from cinematic.train.setup import TEMPORAL_MODULES
 from cinematic.weights import load
 

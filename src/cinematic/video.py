@@ -507,7 +507,7 @@ def _read_frames_folder(folder: Path) -> VideoData:
     import av
 
     try:
-        frames = [_read_image(av, path) for _, path in files]
+        frames = [read_image(path) for _, path in files]
     except av.error.FFmpegError as error:
         raise CinematicError(f"cannot read frames in {folder}: {_one_line(error)}") from error
     if len({frame.shape for frame in frames}) > 1:
@@ -520,6 +520,10 @@ def _read_frames_folder(folder: Path) -> VideoData:
     return VideoData(np.stack(frames), float(info.get("fps", _DEFAULT_FPS)), dict(info.get("metadata", {})))
 
 
-def _read_image(av: Any, path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """uint8 ``[H, W, 3]``: the first picture FFmpeg decodes from ``path`` (a PNG, a JPEG, a video's first frame).
+    FFmpeg's own errors, and StopIteration for a file without a picture, are left to the caller to word."""
+    import av
+
     with av.open(str(path)) as container:
         return next(container.decode(video=0)).to_ndarray(format="rgb24")

@@ -49,6 +49,7 @@ BACKGROUND_TINT = 6  # ... plus an independent per-channel offset in [-6, 6]: gr
 RADIUS_FRACTION = (0.18, 0.26)
 MIN_TRAVEL_FRACTION = 0.35  # distance travelled over the clip, as a fraction of the frame size
 FPS = 8
+FRAMES, SIZE = 16, 32  # a clip's default length and side
 
 
 def caption_of(colour: str, shape: str, direction: str) -> str:
@@ -114,7 +115,7 @@ def _check_geometry(size: int, frames: int) -> None:
         raise CinematicError(f"shapes clips need at least 2 frames to show motion, got {frames}")
 
 
-def clip_params(caption: str, seed: int, size: int = 32, frames: int = 16, extra: bool = False) -> ClipParams:
+def clip_params(caption: str, seed: int, size: int = SIZE, frames: int = FRAMES, extra: bool = False) -> ClipParams:
     """The sampled start, velocity, radius and background of the clip ``(caption, seed)``."""
     colour, shape, direction = parse_caption(caption, extra)
     _check_geometry(size, frames)
@@ -169,7 +170,7 @@ def render(params: ClipParams) -> np.ndarray:
     return np.rint(background + alpha * (colour - background)).astype(np.uint8)
 
 
-def render_clip(caption: str, seed: int, size: int = 32, frames: int = 16, extra: bool = False) -> np.ndarray:
+def render_clip(caption: str, seed: int, size: int = SIZE, frames: int = FRAMES, extra: bool = False) -> np.ndarray:
     """The clip for ``caption`` drawn with ``seed``: uint8 ``[F, H, W, 3]``, ``F = frames``, ``H = W = size``.
     ``extra`` also draws the colours of :data:`EXTRA_PALETTE`."""
     return render(clip_params(caption, seed, size, frames, extra))
@@ -189,8 +190,8 @@ class ShapesDataset(Dataset):
     def __init__(
         self,
         captions: tuple[str, ...] | list[str] = TRAIN_CAPTIONS,
-        size: int = 32,
-        frames: int = 16,
+        size: int = SIZE,
+        frames: int = FRAMES,
         seed: int = 0,
         length: int = 100_000,
     ) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from cinematic.allocator import keep_freed_memory
     from cinematic.eval.judge import evaluate
+    from cinematic.eval.videos import generate
     from cinematic.pipeline import Pipeline
 
     captions, settings = _check_args(args)
@@ -99,15 +99,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, **report.to_json()}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
-
-
-def generate(pipe: Any, captions: Sequence[str], seed: int, **settings: Any) -> list:
-    """One video per caption, each from the noise of ``seed`` itself (as ``cinematic generate CAPTION --seed seed``
-    makes it), at the model's trained clip size: uint8 numpy ``[F, H, W, 3]`` each. ``settings``: those of
-    :class:`cinematic.settings.Settings`."""
-    request = pipe.validate(list(captions), same_seed=True, seed=seed, **settings)
-    frames = pipe.decode(pipe.sample(request, progress=False))
-    return [f.cpu().numpy() for f in frames]
 
 
 def _save(videos: dict[str, list], folder: Path, fps: float) -> None:

@@ -77,9 +77,7 @@ def load_image(source: PathOrFrames) -> Tensor:
         from cinematic import video
 
         try:
-            import av
-
-            rgb = video._read_image(av, path)  # the reader of PNG-folder frames: the first picture FFmpeg decodes
+            rgb = video.read_image(path)  # the reader of PNG-folder frames: the first picture FFmpeg decodes
         except Exception as error:  # FFmpeg's errors, StopIteration for a file without a picture, missing PyAV
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CinematicError(f"cannot read init image {path}: {detail}") from error
@@ -90,7 +88,7 @@ def load_image(source: PathOrFrames) -> Tensor:
 def fit_frames(frames: Tensor, num_frames: int, height: int, width: int) -> Tensor:
     """uint8 ``[F, h, w, 3]`` -> float32 ``[1, 3, num_frames, height, width]`` in [-1, 1]: the first ``num_frames``
     frames, scaled to cover the requested size and centre-cropped (as the training data is)."""
-    from cinematic.train.data import resize_and_crop
+    from cinematic.data.frames import resize_and_crop
 
     if len(frames) < num_frames:
         raise CinematicError(f"the init video has {len(frames)} frames, fewer than the {num_frames} requested")

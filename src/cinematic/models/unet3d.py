@@ -9,13 +9,10 @@ Module names mirror diffusers so its checkpoints load with ``load_state_dict(str
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cinematic.errors import CinematicError
 from cinematic.models.feature_cache import DeepCache
 from cinematic.models.layers import GroupNorm
 from cinematic.models.unet3d_blocks import (
@@ -28,94 +25,7 @@ from cinematic.models.unet3d_blocks import (
     timestep_embedding,
     unfold_frames,
 )
-
-
-@dataclass(frozen=True)
-class UNetLevel:
-    """One resolution of the UNet: its width and whether its layers carry spatial+temporal transformers."""
-
-    channels: int
-    attention: bool
-
-
-@dataclass(frozen=True)
-class UNet3DConfig:
-    """Defaults are the published model (diffusers ``unet/config.json`` / ModelScope ``model_cfg``)."""
-
-    in_channels: int = 4
-    out_channels: int = 4
-    levels: tuple[UNetLevel, ...] = (
-        UNetLevel(320, True),
-        UNetLevel(640, True),
-        UNetLevel(1280, True),
-        UNetLevel(1280, False),
-    )
-    layers_per_block: int = 2  # the decoder has one more per level, to consume the downsampler's skip
-    head_dim: int = 64  # spatial/temporal transformers use channels // head_dim heads of this width
-    cross_attention_dim: int = 1024
-    norm_groups: int = 32
-    norm_eps: float = 1e-5
-    transformer_in_heads: int = 8  # transformer_in alone has a fixed head count (8 x 64 = 512 inner)
-    # Sinusoidal frame positions in every temporal transformer. Not in the published model (whose frame order comes
-    # from the temporal convolutions alone); the small shapes model needs them to tie a direction word to motion.
-    frame_positions: bool = False
-    # Coordinate planes (CoordConv, Liu et al. 2018): each latent pixel's x, y and frame position, in [-1, 1],
-    # concatenated to the input of conv_in. Not in the published model either. Convolutions cannot tell where in the
-    # frame they are (but for the zero padding at the border), so a clip's mean layout, such as "moving right starts
-    # on the left", is out of their reach; with these planes it is a plain function of the input.
-    coordinates: bool = False
-    # Temporal transformers whose second attention reads the text (ModelScope's TemporalTransformer with
-    # only_self_att=False) instead of the frames again. Off in the published model, where the caption reaches the
-    # network through the per-frame spatial cross-attention alone and so acts alike on every frame; the shapes model
-    # needs a word to act differently on different frames ("moving right": left early, right late).
-    temporal_context: bool = False
-    # The caption, averaged over its token positions, through a Linear-SiLU-Linear into the time embedding that every
-    # ResNet block adds (as SDXL adds its pooled text embedding, and class-conditional diffusion models their class).
-    # Off in the published model. Each word then shifts the ResNets' features directly, and with coordinate planes a
-    # shift turns on the units whose half-plane "x - v f > c" is the asked motion: a first-order path from a word to
-    # a layout that changes over frames, which cross-attention per frame does not have.
-    pooled_text: bool = False
-    # Planes drawn by the caption: the pooled text, through one Linear, gives each of ``text_planes`` input planes
-    # its coefficients on the quadratic basis of (x, y, frame) (see :func:`layout_basis`), so a word can draw a
-    # layout that moves over the clip ("moving right": a ridge along x - k * frame) straight into conv_in. Nothing
-    # else in the network makes a product of a word and the frame position on first order. Off in the published
-    # model.
-    text_planes: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.levels:
-            raise CinematicError("UNet3DConfig: levels must not be empty")
-        if min(self.in_channels, self.out_channels, self.layers_per_block, self.head_dim, self.norm_groups) < 1:
-            raise CinematicError(
-                "UNet3DConfig: channel counts, layers_per_block, head_dim and norm_groups must be >= 1"
-            )
-        if self.cross_attention_dim < 1 or self.transformer_in_heads < 1:
-            raise CinematicError("UNet3DConfig: cross_attention_dim and transformer_in_heads must be >= 1")
-        for i, level in enumerate(self.levels):
-            if level.channels < 1 or level.channels % self.norm_groups:
-                raise CinematicError(
-                    f"UNet3DConfig: level {i} has {level.channels} channels, not a positive multiple of "
-                    f"norm_groups={self.norm_groups}"
-                )
-            # The middle block always has attention, at the last level's width.
-            needs_heads = level.attention or i == len(self.levels) - 1
-            if needs_heads and level.channels % self.head_dim:
-                raise CinematicError(
-                    f"UNet3DConfig: level {i} has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
-                )
-
-    @property
-    def coordinate_channels(self) -> int:
-        return (3 if self.coordinates else 0) + self.text_planes
-
-    @property
-    def temporal_context_dim(self) -> int | None:
-        return self.cross_attention_dim if self.temporal_context else None
-
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.levels[0].channels
-
+from cinematic.models.unet3d_config import UNet3DConfig, UNetLevel
 
 UNET_FULL = UNet3DConfig()
 # Small enough for CPU tests in milliseconds, but every structural case: attention and attention-free levels,

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from cinematic.models.layers import BasicTransformerBlock, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 if TYPE_CHECKING:
-    from cinematic.models.unet3d import UNet3DConfig
+    from cinematic.models.unet3d_config import UNet3DConfig
 
 # Both references train the temporal convs with dropout 0.1 (ModelScope's TemporalConvBlock_v2 and diffusers'
 # TemporalConvLayer); it is inactive in eval mode.

@@ -2,7 +2,7 @@
 
 AdamW with a linear warm-up and cosine decay, gradient clipping, EMA weights, optional gradient checkpointing and
 bf16 autocast. Every random draw is a function of ``(seed, step)``: the data order and clip offsets
-(``data.BatchPlan``), the per-step CPU generator behind caption dropout, posterior samples, ``t`` and ``eps``, and
+(``batches.BatchPlan``), the per-step CPU generator behind caption dropout, posterior samples, ``t`` and ``eps``, and
 the global seed that the networks' own dropout reads, which is reset before every step. So a resumed run continues
 the loss curve of an uninterrupted one exactly (bit for bit on the CPU; on CUDA up to the nondeterminism of some
 cuDNN kernels).
@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from cinematic.data.dataset import VideoDataset, vocabulary_texts
 from cinematic.errors import CinematicError
 from cinematic.models.components import COMPONENTS, Defaults, Model
-from cinematic.train import data as data_mod
+from cinematic.train.batches import MODULES, PREVIEW, STEP, BatchPlan, derive_seed, generator, loader
 from cinematic.train.config import TrainConfig
-from cinematic.train.data import MODULES, PREVIEW, STEP, BatchPlan, VideoDataset, derive_seed, generator, loader
 from cinematic.train.setup import select_trainable, starting_config, starting_model, with_clip_size
 from cinematic.train.state import (
     EMA,
@@ -49,7 +49,8 @@ def train(config: TrainConfig, *, dataset: VideoDataset | None = None, sample_fn
     """Run ``config`` and return the final model folder (``OUT/model``), or the last checkpoint when the run stops
     early at ``config.stop_at``.
 
-    ``dataset`` replaces ``config.data`` (any ``data.VideoDataset``; its first clip sets the clip size).
+    ``dataset`` replaces ``config.data`` (any ``cinematic.data.dataset.VideoDataset``; its first clip sets the clip
+    size).
     ``sample_fn(model, step)`` is called every ``config.sample_every`` steps with the EMA weights swapped in and the
     networks in eval mode; by default it writes sample videos (reconstructions in the VAE stage) to ``OUT/samples``.
     """
@@ -119,19 +120,23 @@ def _dataset(
         if len(dataset) == 0:
             raise CinematicError("the training dataset is empty")
         _, frames, height, width = dataset[0]["video"].shape
-        return dataset, (frames, height, width), lambda: data_mod.vocabulary_texts(dataset)
-    shapes = config.data == "shapes"
-    fallback = (data_mod.SHAPES_FRAMES, data_mod.SHAPES_SIZE) if shapes else (data_mod.FILE_FRAMES, data_mod.FILE_SIZE)
+        return dataset, (frames, height, width), lambda: vocabulary_texts(dataset)
+    from cinematic.data import files, shapes
+
+    is_shapes = config.data == "shapes"
+    fallback = (shapes.FRAMES, shapes.SIZE) if is_shapes else (files.FILE_FRAMES, files.FILE_SIZE)
     frames = config.frames or (base.frames if base else fallback[0])
     height = config.height or (base.height if base else fallback[1])
     width = config.width or (base.width if base else fallback[1])
-    if shapes:
+    if is_shapes:
         if height != width:
             raise CinematicError(f"shapes clips are square; got height {height} and width {width}")
-        generated, vocabulary = data_mod.shapes(frames, height, config.seed)
-        return generated, (frames, height, width), lambda: vocabulary
-    files = data_mod.VideoFiles.from_captions(config.data, frames, height, width, config.frame_stride)
-    return files, (frames, height, width), lambda: files.captions
+        # The training captions; the vocabulary comes from all 48 (the held-out ones recombine words the training
+        # captions already use).
+        generated = shapes.ShapesDataset(shapes.TRAIN_CAPTIONS, size=height, frames=frames, seed=config.seed)
+        return generated, (frames, height, width), lambda: shapes.ALL_CAPTIONS
+    clips = files.VideoFiles.from_captions(config.data, frames, height, width, config.frame_stride)
+    return clips, (frames, height, width), lambda: clips.captions
 
 
 def _resumed_model(checkpoint: Path, state: dict[str, Any], device: torch.device) -> Model:

@@ -21,7 +21,7 @@ from cinematic.errors import CinematicError
 from cinematic.models import lora as lora_modules
 from cinematic.models.components import Model
 from cinematic.models.lora import LoRAConfig
-from cinematic.train.data import INIT, derive_seed
+from cinematic.train.batches import INIT, derive_seed
 from cinematic.train.state import DTYPES, EMA, LATEST_FILE, STATE_FILE, STATE_VERSION, checkpoint_dir
 
 NAME = lora_modules.DEFAULT_NAME
@@ -65,7 +65,7 @@ def save_lora_checkpoint(
 ) -> Path:
     """``OUT/checkpoint-<step>``: the EMA adapter and the training state, written atomically as
     ``state.save_checkpoint`` writes a model checkpoint."""
-    from cinematic.train.state import _prune, _write_text
+    from cinematic.train.state import prune_checkpoints, write_text_atomically
     from cinematic.weights.lora_formats import write_adapter
 
     lora = config.lora_config()
@@ -83,6 +83,6 @@ def save_lora_checkpoint(
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
-    _write_text(out / LATEST_FILE, target.name + "\n")
-    _prune(out, target, config.keep_checkpoints)
+    write_text_atomically(out / LATEST_FILE, target.name + "\n")
+    prune_checkpoints(out, target, config.keep_checkpoints)
     return target

@@ -17,8 +17,8 @@ from torch import nn
 
 from cinematic.errors import CinematicError
 from cinematic.models.components import Model, ModelConfig
+from cinematic.train.batches import INIT, derive_seed
 from cinematic.train.config import TrainConfig
-from cinematic.train.data import INIT, derive_seed
 
 # UNet parameters that ``--train temporal`` trains: everything that mixes information across frames.
 TEMPORAL_MODULES = ("temp_convs", "temp_attentions", "transformer_in")

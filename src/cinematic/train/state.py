@@ -3,7 +3,7 @@
 ``OUT/checkpoint-000500/`` is a model folder in cinematic's own format holding the EMA weights (so ``--model
 OUT/checkpoint-000500`` just works), plus ``training_state.pt``: the raw weights of every network, the EMA copy, the
 optimizer state and the step. Nothing else is needed to resume exactly: every random draw of the run is a function
-of (seed, step) (see ``train/data.py``). Only the newest checkpoint keeps its training state, which for the full
+of (seed, step) (see ``train/batches.py``). Only the newest checkpoint keeps its training state, which for the full
 model is several times the size of the model.
 """
 
@@ -127,8 +127,8 @@ def save_checkpoint(
     if target.exists():  # a resumed run re-saving a step it had saved before
         shutil.rmtree(target)
     os.replace(staging, target)
-    _write_text(out / LATEST_FILE, target.name + "\n")
-    _prune(out, target, keep)
+    write_text_atomically(out / LATEST_FILE, target.name + "\n")
+    prune_checkpoints(out, target, keep)
     return target
 
 
@@ -161,13 +161,16 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """``path`` holds the old text or the new, never part of either (a reader of ``latest`` mid-write)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _prune(out: Path, newest: Path, keep: int | None) -> None:
+def prune_checkpoints(out: Path, newest: Path, keep: int | None) -> None:
+    """Drop the training state of every checkpoint older than ``newest``, and, beyond ``keep``, the oldest
+    checkpoints themselves."""
     older = sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and p.name < newest.name)
     for folder in older:
         (folder / STATE_FILE).unlink(missing_ok=True)

@@ -9,7 +9,8 @@
    them with the judge extended to purple (``judge_video(..., extra=True)``); also the 40 training captions with the
    adapter, to see what it costs the colours the model already knew.
 
-Run on the CPU with one thread; ``--steps`` sets the run's length.
+Run on the CPU with one thread; ``--steps`` sets the run's length. ``scripts/lora_purple`` runs
+``python -m recipes.lora_purple`` from the repository's root.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def write_clips(folder: Path, per_caption: int, seed: int = 1000) -> Path:
 
 def judge(pipe, captions: tuple[str, ...], seeds: int, steps: int, loras=None) -> dict[str, float]:
     """Accuracy of colour, shape, direction and all three over ``seeds`` videos per caption."""
-    from cinematic.eval.cli import generate
     from cinematic.eval.judge import judge_video, score
+    from cinematic.eval.videos import generate
     from cinematic.lora import loras_applied
 
     totals = {"colour": 0, "shape": 0, "direction": 0, "all": 0}
@@ -54,7 +55,7 @@ def judge(pipe, captions: tuple[str, ...], seeds: int, steps: int, loras=None) -
         for seed in range(seeds):
             for first in range(0, len(captions), 12):
                 chunk = captions[first : first + 12]
-                for caption, frames in zip(chunk, generate(pipe, chunk, seed, steps, 9.0, "ddim")):
+                for caption, frames in zip(chunk, generate(pipe, chunk, seed, num_inference_steps=steps)):
                     right = score(judge_video(frames, extra=True), caption, extra=True)
                     totals = {k: totals[k] + right[k] for k in totals}
                     count += 1

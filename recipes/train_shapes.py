@@ -1,8 +1,9 @@
 """The recipe behind the bundled ``shapes`` model: both training stages from scratch, on two CPU cores.
 
-``scripts/train_shapes`` runs :func:`main`: the VAE stage, the UNet + text encoder stage on its frozen latents, and a
-short decoder-only VAE run (see ``STAGES``), all through :func:`cinematic.train.train` on the 40 training captions of
-``cinematic.data.shapes`` (the 8 held-out combinations are never rendered). The final EMA weights, in float16,
+``scripts/train_shapes`` runs :func:`main` (``python -m recipes.train_shapes`` from the repository's root): the
+VAE stage, the UNet + text encoder stage on its frozen latents, and a short decoder-only VAE run (see ``STAGES``),
+all through :func:`cinematic.train.train` on the 40 training captions of ``cinematic.data.shapes`` (the 8 held-out
+combinations are never rendered). The final EMA weights, in float16,
 replace ``src/cinematic/assets/shapes/``, and ``recipe.json`` beside them records every parameter below and the wall
 time of each run.
 
@@ -30,9 +31,10 @@ from cinematic.models.components import Defaults, ModelConfig, ScheduleConfig
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig, UNetLevel
 from cinematic.models.vae import VAEConfig
+from cinematic.weights import BUNDLED_DIR
 
-REPO = Path(__file__).resolve().parents[3]
-DEST = Path(__file__).resolve().parents[1] / "assets" / "shapes"
+REPO = Path(__file__).resolve().parents[1]
+DEST = BUNDLED_DIR / "shapes"
 WORK = REPO / "build" / "shapes-recipe"
 THREADS = {"vae": 1, "unet": 2, "decoder": 1}
 
@@ -107,7 +109,7 @@ class MixedFrames:
 
     A fraction ``other_colours`` of the frames draw their object in a random saturated colour instead of the
     caption's, so the autoencoder learns colour in general, as a real one does, and not only the four the captions
-    name: a fine-tune can then teach the model a new colour (the purple LoRA of ``cinematic.train.lora_purple``).
+    name: a fine-tune can then teach the model a new colour (the purple LoRA of ``recipes/lora_purple.py``).
     The recipe uses 0.25 (``OTHER_COLOURS``); at 0 the VAE knows the four colours only and decodes purple as blue."""
 
     def __init__(self, seed: int, frames: int = 16, size: int = 32, other_colours: float = 0.0):

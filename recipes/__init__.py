@@ -1,0 +1,1 @@
+"""Recipes and experiments built on the cinematic library; nothing in ``src/cinematic`` imports them."""
