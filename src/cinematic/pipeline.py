@@ -65,14 +65,14 @@ class Request:
     sampler: str
     eta: float | None
     num_videos: int
-    # Fast modes, off by default (see README, "Memory and speed"): DeepCache-style feature caching (a full UNet step
+    # Fast modes, off by default (docs/performance.md, "Fast modes"): DeepCache-style feature caching (a full UNet step
     # every ``cache_interval`` steps, the first ``cache_depth`` levels recomputed in between), and guidance
     # truncation (the unconditional pass stops at fraction ``guidance_stop`` of sampling).
     cache_interval: int = 1
     cache_depth: int = 1
     guidance_stop: float = 1.0
     # Starting from pictures (see cinematic.conditioning): the strength of video-to-video (1: text-to-video), and
-    # whether the last frame is pinned to the first. FreeU and FreeInit (see README, "FreeU and FreeInit").
+    # whether the last frame is pinned to the first. FreeU and FreeInit (docs/video-to-video.md, "FreeU and FreeInit").
     strength: float = 1.0
     loop: bool = False
     freeu: bool = False
