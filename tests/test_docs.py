@@ -18,9 +18,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Markdown the checks read: the README, every page of docs/, and the benchmarks' README.
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 # Python whose comments and docstrings are checked for cited paths.
-PYTHON = sorted(
-    p for folder in ("src", "benchmarks", "scripts", "tests") for p in (ROOT / folder).rglob("*.py") if p.is_file()
-)
+CODE_FOLDERS = ("src", "benchmarks", "recipes", "scripts", "tests")
+PYTHON = sorted(p for folder in CODE_FOLDERS for p in (ROOT / folder).rglob("*.py") if p.is_file())
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_CODE = re.compile(r"`[^`\n]*`")
@@ -29,7 +28,7 @@ LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\
 # A repository path: one of the top-level folders that hold cited files, then path characters. The character
 # before must not continue another path (so /tmp/docs/x and my-tests/x are not read as ours).
 REPO_PATH = re.compile(
-    r"(?<![\w./-])((?:src/cinematic|benchmarks|docs|scripts|tests)/(?:[\w.-]+/?)*|README\.md|pyproject\.toml)"
+    r"(?<![\w./-])((?:src/cinematic|benchmarks|docs|recipes|scripts|tests)/(?:[\w.-]+/?)*|README\.md|pyproject\.toml)"
     r"(?P<next>.?)"
 )
 # A path inside the package, as the package's own comments cite files: models/lora.py, weights/openclip.py.
@@ -154,7 +153,9 @@ def _cited_paths(text: str) -> list[str]:
 
 def _module_exists(dotted: str) -> bool:
     """Whether cinematic.<dotted> names a module, or a name in a package's __init__.py; a name after a module
-    (a function, a class) is not checked."""
+    (a function, a class) is not checked. One-letter parts are placeholders (cinematic.x.y), not citations."""
+    if any(len(part) == 1 for part in dotted.strip(".").split(".")):
+        return True
     path = ROOT / "src" / "cinematic"
     for part in dotted.strip(".").split("."):
         if (path / part).is_dir():
