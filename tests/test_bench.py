@@ -1,5 +1,5 @@
 """benchmarks/bench.py's own correctness: its three model folders hold one set of weights, and its arithmetic (step
-cycles, whole-video estimates) is what the README says."""
+cycles, whole-video estimates) is what benchmarks/README.md says."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ heap's free top at 2x that size. A UNet step at the published model's size alloc
 activations, so most of its tensors land on pages the kernel has to fault in and zero again, one 4 KiB page at a
 time. Measured on a 2-core EPYC (torch 2.13, 16 frames at 256x256, batched guidance): the step spends a quarter or
 more of its time on these page faults, and a temporal transformer of the first level takes 1.2-1.6 s instead of
-2.1-2.6 s once freed memory stays in the heap (README, "Memory and speed").
+2.1-2.6 s once freed memory stays in the heap (docs/performance.md, "The allocator setting (Linux)").
 
 :func:`keep_freed_memory` sets two of glibc's ``mallopt`` parameters: no ``mmap`` for allocations (they come from
 the heap and go back to it) and a trim threshold of 1 GiB (the free top of the heap is returned to the kernel only

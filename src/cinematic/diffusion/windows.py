@@ -10,8 +10,8 @@ step, in the manner of FreeNoise (Qiu et al. 2023), with two choices of our own:
   frames every ``S`` frames evaluate about ``W / S`` times the frames (2x at the default ``S = W / 2``).
 - **Fusion by the plain mean**: each frame's prediction is the mean of those of the windows holding it. Weighting
   frames by their distance from the window's edges (a FreeNoise-style tent) couples neighbouring windows less, and with
-  the shapes model the object changed shape from window to window more often (measured in the README, "Long videos
-  and prompt schedules").
+  the shapes model the object changed shape from window to window more often (measured in docs/video-to-video.md,
+  "Fusion and window schedules").
 
 **Noise rescheduling** (FreeNoise): only the first window's noise is drawn (so its frames start exactly where a
 ``W``-frame video of the same seed starts); each later block of ``S`` frames reuses the noise of the block ``W``
