@@ -1,4 +1,4 @@
-"""Layers point down (docs/style.md, rule 17), checked on the source text: every module under ``src/cinematic`` is
+"""Layers point down (the house style, rule 17), checked on the source text: every module under ``src/cinematic`` is
 parsed with ``ast``, never imported, so the test sees imports inside functions and under ``if TYPE_CHECKING:`` too.
 
 1. The library never imports training, serving, evaluation or the CLI: only a module inside ``cinematic.train``
