@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cinematic.errors import CinematicError
-from cinematic.settings import add_arguments
+from cinematic.settings import add_arguments, spec
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -86,16 +86,19 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings of the command line, checked against their declared types and bounds before anything loads;
     the first prompt of a schedule names the output file."""
     from cinematic.diffusion.windows import parse_prompt_schedule
-    from cinematic.settings import from_arguments, settings_from
+    from cinematic.settings import SettingError, from_arguments, settings_from
 
     given = from_arguments(args)
     if args.prompt is not None and not args.prompt.strip():
-        raise CinematicError("the prompt is empty; describe the video to generate (or give --prompt-schedule)")
+        raise SettingError("prompt", "is blank; describe the video to generate (or give --prompt-schedule)")
     if (args.prompt is None) == (args.prompt_schedule is None):
-        raise CinematicError("give a prompt or --prompt-schedule (one of them)")
+        raise SettingError("prompt", "give a prompt or --prompt-schedule (one of them)")
     settings_from({"prompt": args.prompt, **given})  # types and bounds: one line, exit 2
     if args.prompt_schedule is not None:
-        args.prompt = parse_prompt_schedule(args.prompt_schedule, given.get("num_frames"))[0][1]
+        try:
+            args.prompt = parse_prompt_schedule(args.prompt_schedule, given.get("num_frames"))[0][1]
+        except CinematicError as error:
+            raise SettingError("prompt_schedule", str(error)) from None
         return given
     return {"prompt": args.prompt, **given}
 
@@ -166,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser("generate", help="generate a video from a text prompt")
-    gen.add_argument("prompt", nargs="?", help="what the video shows, in English")
+    gen.add_argument("prompt", nargs="?", help=spec("prompt").help)
     gen.add_argument("-o", "--output", help="output file: .mp4 (default), .webm, .gif, .webp, or a folder for PNGs")
     gen.add_argument("--model", default="shapes", help="bundled name, model folder or hub id (default: shapes)")
     gen.add_argument("--num-videos", type=int, default=1, help="videos to make; video i uses seed + i")

@@ -39,6 +39,7 @@ SIZE_MULTIPLE = 8
 MIN_SIZE = 64  # for models trained at that size or more; a model trained smaller allows its own size
 MAX_SIZE = 2048
 MAX_FRAMES = 1024
+MAX_PROMPT = 10_000  # characters; the tokenizer keeps the first 77 tokens, and says so when it cuts
 
 
 class SettingError(CinematicError):
@@ -62,6 +63,7 @@ class Spec:
     model_default: str | None = None  # the ModelFacts field a None resolves to
     metavar: str | None = None
     nonblank: bool = False  # strings: must hold more than white space
+    max_length: int | None = None  # strings: the most characters
 
     def allowed(self, kind: type, low: float | None = None, high: float | None = None) -> str:
         """What values are allowed, in words (``low`` and ``high`` override the declared bounds)."""
@@ -72,7 +74,8 @@ class Spec:
         if kind is bool:
             return "true or false"
         if kind is str:
-            return "a non-blank string" if self.nonblank else "a string"
+            what = "a non-blank string" if self.nonblank else "a string"
+            return what + (f" of at most {self.max_length} characters" if self.max_length else "")
         what = "an integer" if kind is int else "a number"
         if self.multiple_of:
             what = f"a multiple of {self.multiple_of}"
@@ -114,10 +117,13 @@ class ModelFacts:
 class Settings:
     """One video's settings (the table). Unresolved fields are None; :meth:`resolve` fills them from the model."""
 
-    prompt: str | None = setting(None, "what the video shows, in English (or give prompt_schedule)", nonblank=True)
-    negative_prompt: str | None = setting(
-        None, "what to steer away from (default: the empty prompt, as the original)", aliases=("negative",)
+    prompt: str | None = setting(
+        None, "what the video shows, in English (or give prompt_schedule)", nonblank=True, max_length=MAX_PROMPT
     )
+    negative_prompt: str | None = setting(
+        None, "what to steer away from (default: the empty prompt, as the original)", aliases=("negative",),
+        max_length=MAX_PROMPT,
+    )  # fmt: skip
     num_frames: int | None = setting(
         None, "frames in the clip (default: the model's, or the init video's)", low=1, high=MAX_FRAMES,
         aliases=("frames",), model_default="num_frames",
@@ -161,7 +167,7 @@ class Settings:
     # Long videos (cinematic.diffusion.windows).
     prompt_schedule: str | None = setting(
         None, 'prompts over time, in place of prompt: "0: a red circle moving right | 32: a red circle moving left"',
-        metavar="SCHEDULE", nonblank=True,
+        metavar="SCHEDULE", nonblank=True, max_length=4 * MAX_PROMPT,
     )  # fmt: skip
     window: int | None = setting(
         None, "clips longer than this run through the UNet in overlapping windows of this many frames; 0: the whole "

@@ -66,7 +66,8 @@ def _setting_field(name: str, bounds: dict, limits: Limits) -> tuple[Any, Any]:
     if k is float:
         extra["allow_inf_nan"] = False
     if k is str and not s.choices:
-        extra["max_length"] = limits.max_prompt * (4 if name == "prompt_schedule" else 1)
+        cap = limits.max_prompt * (4 if name == "prompt_schedule" else 1)
+        extra["max_length"] = min(cap, s.max_length) if s.max_length else cap
         extra["min_length"] = 1 if s.nonblank else 0
     return annotation | None, Field(default=None, description=s.help, **extra)
 
