@@ -230,7 +230,7 @@ class Pipeline:
         diffusers' PEFT or diffusers' older UNet layout) with strength ``scale``; returns its name for
         :meth:`unload_lora`. Unmerged, the adapted layers add ``scale * alpha / rank * up(down(x))``; merged, that
         update is folded into their weights (and taken out exactly again by :meth:`unload_lora`)."""
-        from cinematic.lora import load_lora
+        from cinematic.lora_loading import load_lora
 
         if self._graphs is not None:
             self._graphs.reset()  # the recordings would run the layers as they were
@@ -238,7 +238,7 @@ class Pipeline:
 
     def unload_lora(self, name: str | None = None) -> None:
         """Take off the adapter ``name`` (default: all of them), restoring the base weights bit for bit."""
-        from cinematic.lora import unload_lora
+        from cinematic.lora_loading import unload_lora
 
         if self._graphs is not None:
             self._graphs.reset()
@@ -416,7 +416,7 @@ class Pipeline:
             cache_interval, cache_depth, guidance_stop, strength if init_video is not None else 1.0, loop, freeu,
             freeinit, prompt_schedule, window, window_stride,
         )  # fmt: skip
-        from cinematic.lora import loras_applied
+        from cinematic.lora_loading import loras_applied
 
         with loras_applied(self.model.unet, loras):  # ``[(path, scale), ...]`` for this call only (see load_lora)
             latents = self.sample(
@@ -541,11 +541,13 @@ class Pipeline:
 
         from cinematic.diffusion import TruncatedGuidance, classifier_free_guidance, guided_steps
         from cinematic.models.feature_cache import DeepCache
+        from cinematic.models.modifications import graph_safe
 
         cache = DeepCache(request.cache_interval, request.cache_depth) if request.cache_interval > 1 else None
-        # The compiled or recorded UNet, for steps whose forward is the plain one: no feature caching, and no hooks
-        # (FreeU's, unmerged LoRA adapters'), which are in place for the whole sampling run and checked once here.
-        fast = self._fast_unet if cache is None and not _has_hooks(self.model.unet) else None
+        # The compiled or recorded UNet, for steps whose forward is the plain one: no feature caching, and no change
+        # a recording would miss (FreeU, unmerged LoRA adapters), which are in place for the whole sampling run and
+        # checked once here.
+        fast = self._fast_unet if cache is None and graph_safe(self.model.unet) else None
         eps_model = partial(self._eps_model, cache=cache, fast=fast)
         guided = classifier_free_guidance(eps_model, cond, uncond, request.guidance_scale, batched=batched)
         if uncond is not None and request.guidance_stop < 1.0:
@@ -572,7 +574,10 @@ class Pipeline:
         if fast is not None:
             t = torch.as_tensor(t, device=self.device, dtype=torch.float32).reshape(-1)
             return fast(x.to(self.dtype), t, context.to(self.dtype)).float()
-        return self.model.unet(x.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
+        from cinematic.models.feature_cache import caching
+
+        with caching(self.model.unet, cache):
+            return self.model.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
     def release_text_encoder(self) -> bool:
         """Free the text encoder's weights; it is loaded again from the model when next needed. Only a pipeline
@@ -621,17 +626,6 @@ class Pipeline:
             **({"prompt_schedule": " | ".join(f"{k}: {p}" for k, p in request.prompt_schedule)}
                if request.prompt_schedule else {}),
         }  # fmt: skip
-
-
-def _has_hooks(network: torch.nn.Module) -> bool:
-    """Whether any module of ``network`` has forward hooks that change its result (FreeU's, unmerged LoRA adapters',
-    a user's): a compiled or recorded forward would not run them."""
-    from cinematic.models.lora import adds_nothing
-
-    return any(
-        m._forward_pre_hooks or any(not adds_nothing(m, hook) for hook in m._forward_hooks.values())
-        for m in network.modules()
-    )
 
 
 def _load_text_encoder(

@@ -9,7 +9,9 @@ Module names mirror diffusers so its checkpoints load with ``load_state_dict(str
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,23 +41,10 @@ class UNetLevel:
 
 
 @dataclass(frozen=True)
-class UNet3DConfig:
-    """Defaults are the published model (diffusers ``unet/config.json`` / ModelScope ``model_cfg``)."""
+class ShapesOptions:
+    """Research additions to the published architecture that only the small bundled ``shapes`` model uses
+    (docs/shapes.md says what each fixed there); each is off by default and none has a published checkpoint."""
 
-    in_channels: int = 4
-    out_channels: int = 4
-    levels: tuple[UNetLevel, ...] = (
-        UNetLevel(320, True),
-        UNetLevel(640, True),
-        UNetLevel(1280, True),
-        UNetLevel(1280, False),
-    )
-    layers_per_block: int = 2  # the decoder has one more per level, to consume the downsampler's skip
-    head_dim: int = 64  # spatial/temporal transformers use channels // head_dim heads of this width
-    cross_attention_dim: int = 1024
-    norm_groups: int = 32
-    norm_eps: float = 1e-5
-    transformer_in_heads: int = 8  # transformer_in alone has a fixed head count (8 x 64 = 512 inner)
     # Sinusoidal frame positions in every temporal transformer. Not in the published model (whose frame order comes
     # from the temporal convolutions alone); the small shapes model needs them to tie a direction word to motion.
     frame_positions: bool = False
@@ -83,6 +72,36 @@ class UNet3DConfig:
     text_planes: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.text_planes, bool) or not isinstance(self.text_planes, int) or self.text_planes < 0:
+            raise CinematicError(f"ShapesOptions: text_planes must be an integer >= 0, not {self.text_planes!r}")
+
+
+SHAPES_OPTION_NAMES = tuple(f.name for f in fields(ShapesOptions))
+
+
+@dataclass(frozen=True)
+class UNet3DConfig:
+    """Defaults are the published model (diffusers ``unet/config.json`` / ModelScope ``model_cfg``)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    levels: tuple[UNetLevel, ...] = (
+        UNetLevel(320, True),
+        UNetLevel(640, True),
+        UNetLevel(1280, True),
+        UNetLevel(1280, False),
+    )
+    layers_per_block: int = 2  # the decoder has one more per level, to consume the downsampler's skip
+    head_dim: int = 64  # spatial/temporal transformers use channels // head_dim heads of this width
+    cross_attention_dim: int = 1024
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    transformer_in_heads: int = 8  # transformer_in alone has a fixed head count (8 x 64 = 512 inner)
+    # The bundled shapes model's additions to the architecture (see :class:`ShapesOptions`); None in every published
+    # model, and then absent from the stored config.
+    shapes: ShapesOptions | None = None
+
+    def __post_init__(self) -> None:
         if not self.levels:
             raise CinematicError("UNet3DConfig: levels must not be empty")
         if min(self.in_channels, self.out_channels, self.layers_per_block, self.head_dim, self.norm_groups) < 1:
@@ -105,18 +124,46 @@ class UNet3DConfig:
                 )
 
     @property
+    def options(self) -> ShapesOptions:
+        """The shapes options in force (all off for the published model)."""
+        return self.shapes or NO_SHAPES_OPTIONS
+
+    @property
     def coordinate_channels(self) -> int:
-        return (3 if self.coordinates else 0) + self.text_planes
+        return (3 if self.options.coordinates else 0) + self.options.text_planes
 
     @property
     def temporal_context_dim(self) -> int | None:
-        return self.cross_attention_dim if self.temporal_context else None
+        return self.cross_attention_dim if self.options.temporal_context else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as stored in ``model.json``; ``shapes`` only when the model has shapes options."""
+        data = dataclasses.asdict(self)
+        if self.shapes is None:
+            del data["shapes"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNet3DConfig:
+        """Read :meth:`to_dict`'s form, or the older one with the shapes options flat among the other fields (the
+        bundled model's ``model.json`` and checkpoints saved before the options had their own place)."""
+        data = dict(data)
+        flat = {name: data.pop(name) for name in SHAPES_OPTION_NAMES if name in data}
+        if flat and data.get("shapes") is not None:
+            raise CinematicError(f"unet config gives {', '.join(flat)} both flat and under 'shapes'")
+        nested = data.pop("shapes", None)
+        shapes = None if nested is None else ShapesOptions(**nested)
+        if flat and ShapesOptions(**flat) != NO_SHAPES_OPTIONS:  # old flat form: all off means a published model
+            shapes = ShapesOptions(**flat)
+        levels = tuple(UNetLevel(**level) for level in data.pop("levels"))
+        return cls(**data, levels=levels, shapes=shapes)
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.levels[0].channels
 
 
+NO_SHAPES_OPTIONS = ShapesOptions()
 UNET_FULL = UNet3DConfig()
 # Small enough for CPU tests in milliseconds, but every structural case: attention and attention-free levels,
 # two downsamplings (so odd latent sizes exercise the skip-sized upsampling), several layers per block.
@@ -135,21 +182,24 @@ class UNet3D(nn.Module):
     def __init__(self, config: UNet3DConfig = UNET_FULL):
         super().__init__()
         self.config = config
+        # Inference-time changes made through cinematic.models.modifications (never set by hand): recompute
+        # activations in the backward pass (layers.checkpoint_gradients), reuse deep features (feature_cache.caching).
         self.gradient_checkpointing = False
+        self.feature_cache: DeepCache | None = None
         widths = [level.channels for level in config.levels]
         c0 = widths[0]
         self.conv_in = nn.Conv2d(config.in_channels + config.coordinate_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
-        if config.pooled_text:
+        if config.options.pooled_text:
             self.text_embedding = TimestepEmbedding(config.cross_attention_dim, config.time_embed_dim)
-        if config.text_planes:
-            self.text_layout = nn.Linear(config.cross_attention_dim, config.text_planes * LAYOUT_BASIS)
+        if config.options.text_planes:
+            self.text_layout = nn.Linear(config.cross_attention_dim, config.options.text_planes * LAYOUT_BASIS)
         self.transformer_in = TemporalTransformer(
             c0,
             config.transformer_in_heads,
             config.head_dim,
             config.norm_groups,
-            config.frame_positions,
+            config.options.frame_positions,
             config.temporal_context_dim,
         )
         self.down_blocks = nn.ModuleList(self._down_blocks(config))
@@ -192,29 +242,28 @@ class UNet3D(nn.Module):
         emb = timestep_embedding(t, self.config.levels[0].channels)
         return self.time_embedding(emb.to(self.dtype))
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, cache: DeepCache | None = None
-    ) -> torch.Tensor:
-        """``cache``: optional feature caching across steps (see :mod:`cinematic.models.feature_cache`); on a
-        cached step only the first ``cache.depth`` levels of the encoder and the last of the decoder run."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """With a feature cache attached (:func:`cinematic.models.feature_cache.caching`), a cached step runs only the
+        first ``cache.depth`` levels of the encoder and the last of the decoder."""
         b, _, frames, _, _ = x.shape
-        deep = None
+        cache, deep = self.feature_cache, None
         if cache is not None:
             cache.check_depth(len(self.down_blocks))
             deep = cache.lookup(x, context)
         levels = len(self.down_blocks) if deep is None else cache.depth
         # Time embedding and text context are per video; every frame gets its video's copy.
         temb = self.embed_time(t, b, x.device)
-        pooled = context.mean(dim=1) if self.config.pooled_text or self.config.text_planes else None  # [B,D]
-        if self.config.pooled_text:
+        options = self.config.options
+        pooled = context.mean(dim=1) if options.pooled_text or options.text_planes else None  # [B,D]
+        if options.pooled_text:
             temb = temb + self.text_embedding(pooled)  # [B,D] -> [B,E]
         temb = temb.repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
         context_f = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
 
-        if self.config.coordinates:
+        if options.coordinates:
             x = torch.cat([x, coordinate_planes(x)], dim=1)
-        if self.config.text_planes:
-            weights = self.text_layout(pooled).view(b, self.config.text_planes, LAYOUT_BASIS)
+        if options.text_planes:
+            weights = self.text_layout(pooled).view(b, options.text_planes, LAYOUT_BASIS)
             x = torch.cat([x, torch.einsum("bpk,kfhw->bpfhw", weights, layout_basis(x))], dim=1)
         h = self.conv_in(fold_frames(x))  # [B,C,F,H,W] -> [(B F),C,H,W]
         h = self.transformer_in(h, frames, context_f)
