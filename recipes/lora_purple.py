@@ -47,7 +47,7 @@ def judge(pipe, captions: tuple[str, ...], seeds: int, steps: int, loras=None) -
     """Accuracy of colour, shape, direction and all three over ``seeds`` videos per caption."""
     from cinematic.eval.judge import judge_video, score
     from cinematic.eval.videos import generate
-    from cinematic.lora import loras_applied
+    from cinematic.lora_loading import loras_applied
 
     totals = {"colour": 0, "shape": 0, "direction": 0, "all": 0}
     count = 0

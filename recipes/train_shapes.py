@@ -29,7 +29,7 @@ import numpy as np
 
 from cinematic.models.components import Defaults, ModelConfig, ScheduleConfig
 from cinematic.models.text_encoder import TextEncoderConfig
-from cinematic.models.unet3d import UNet3DConfig, UNetLevel
+from cinematic.models.unet3d_config import ShapesOptions, UNet3DConfig, UNetLevel
 from cinematic.models.vae import VAEConfig
 from cinematic.weights import BUNDLED_DIR
 
@@ -51,10 +51,7 @@ MODEL = ModelConfig(
         # Four additions to the published architecture, each off by default (docs/shapes.md says what each fixed):
         # the frame position in the temporal attention, coordinate planes into conv_in, the pooled caption in the
         # time embedding, and four caption-drawn layout planes: without the last, no run learned direction.
-        frame_positions=True,
-        coordinates=True,
-        pooled_text=True,
-        text_planes=4,
+        shapes=ShapesOptions(frame_positions=True, coordinates=True, pooled_text=True, text_planes=4),
     ),
     # 8 positions: five-word captions need 7, and at CLIP's 77 the pad positions drowned every word but the colour.
     text_encoder=TextEncoderConfig(vocab_size=600, context_length=8, width=64, layers=2, heads=2, mlp_width=256),

@@ -69,8 +69,8 @@ def test_cached_and_freeu_steps_run_eagerly(folder, monkeypatch):
 
 
 def test_steps_with_lora_adapters_attached_run_eagerly(folder, monkeypatch):
-    from cinematic.models import lora as lora_modules
-    from cinematic.models.lora import LoRAConfig
+    from cinematic.models import lora_adapters as lora_modules
+    from cinematic.models.lora_adapters import LoRAConfig
 
     pipe = Pipeline.from_pretrained(folder)
     fake = CountingCompile()

@@ -31,7 +31,7 @@ REPO_PATH = re.compile(
     r"(?<![\w./-])((?:src/cinematic|benchmarks|docs|recipes|scripts|tests)/(?:[\w.-]+/?)*|README\.md|pyproject\.toml)"
     r"(?P<next>.?)"
 )
-# A path inside the package, as the package's own comments cite files: models/lora.py, weights/openclip.py.
+# A path inside the package, as the package's own comments cite files: models/lora_adapters.py, weights/openclip.py.
 PACKAGE_PATH = re.compile(
     r"(?<![\w./-])((?:models|diffusion|weights|train|serve|data|eval)/[\w.-]+\.(?:py|html|js|css|json))(?P<next>.?)"
 )

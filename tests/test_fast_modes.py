@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cinematic.cli import main
 from cinematic.diffusion import TruncatedGuidance, classifier_free_guidance, guided_steps, sample
 from cinematic.errors import CinematicError
-from cinematic.models.feature_cache import DeepCache
+from cinematic.models.feature_cache import DeepCache, caching
 from cinematic.models.precision import compute_in, quantize_int8, storage_dtype
 from cinematic.models.unet3d import UNET_TINY, UNet3D
 from cinematic.models.unet3d_blocks import FrameConv
@@ -69,7 +69,8 @@ def run_steps(unet: UNet3D, cache: DeepCache | None, xs, ts, context) -> list[to
         for x, t in zip(xs, ts):
             if cache is not None:
                 cache.next_step()
-            outs.append(unet(x, t, context, cache=cache))
+            with caching(unet, cache):
+                outs.append(unet(x, t, context))
     return outs
 
 
@@ -126,8 +127,9 @@ def test_cache_runs_whole_when_the_context_or_batch_changes(unet):
     other = torch.randn_like(context)
     with torch.no_grad():
         cache.next_step()  # a cached step, but with a context no full step has seen
-        changed = unet(xs[1], ts[1], other, cache=cache)
-        one = unet(xs[1][:1], ts[1][:1], context[:1], cache=cache)  # and a smaller batch
+        with caching(unet, cache):
+            changed = unet(xs[1], ts[1], other)
+            one = unet(xs[1][:1], ts[1][:1], context[:1])  # and a smaller batch
         torch.testing.assert_close(changed, unet(xs[1], ts[1], other), **EXACT)
         torch.testing.assert_close(one, unet(xs[1][:1], ts[1][:1], context[:1]), **EXACT)
     assert (cache.full_calls, cache.cached_calls) == (3, 0)
@@ -138,7 +140,8 @@ def test_cache_settings_are_checked(unet, pipe):
         DeepCache(interval=0)
     x, t, context = inputs(UNET_TINY, 1, 2, 8, 8)
     with pytest.raises(CinematicError, match="cache depth must be from 1 to 3"):
-        unet(x, t, context, cache=DeepCache(depth=4))
+        with caching(unet, DeepCache(depth=4)):
+            unet(x, t, context)
     with pytest.raises(CinematicError, match="cache_depth: must be an integer from 1 to 2 for this model"):
         pipe.validate(PROMPT, cache_depth=3)
     with pytest.raises(CinematicError, match="cache_interval: must be"):

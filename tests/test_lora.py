@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from cinematic.data.shapes import ShapesDataset
 from cinematic.errors import CinematicError
-from cinematic.models import lora as lora_modules
-from cinematic.models.lora import LoRAConfig
+from cinematic.models import lora_adapters as lora_modules
+from cinematic.models.lora_adapters import LoRAConfig
 from cinematic.pipeline import Pipeline
 from cinematic.weights.lora_formats import FILE_NAME, INFO_NAME, read_adapter, write_adapter
 
@@ -284,7 +284,7 @@ def test_diffusers_adapter_layouts_match_diffusers(layout: str, tmp_path: Path):
     diffusers' UNet3DConditionModel with the update folded in by hand."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    from cinematic.lora import load_lora
+    from cinematic.lora_loading import load_lora
     from cinematic.models.unet3d import UNET_TINY, UNet3D
 
     rank, alpha = 2, (3.0 if layout == "peft" else 2.0)  # the older layouts carry no alpha: alpha = rank

@@ -130,8 +130,8 @@ def test_freeu_and_freeinit_reach_the_pipeline(tmp_path):
 def lora_dir(tmp_path_factory) -> Path:
     import torch
 
-    from cinematic.models import lora as lora_modules
-    from cinematic.models.lora import LoRAConfig
+    from cinematic.models import lora_adapters as lora_modules
+    from cinematic.models.lora_adapters import LoRAConfig
     from cinematic.pipeline import Pipeline
     from cinematic.weights.lora_formats import write_adapter
 

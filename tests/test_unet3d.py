@@ -12,7 +12,10 @@ from diffusers import UNet3DConditionModel
 from modelscope.models.multi_modal.video_synthesis.unet_sd import UNetSD
 
 from cinematic.errors import CinematicError
+from cinematic.models import modifications
+from cinematic.models.layers import checkpoint_gradients
 from cinematic.models.unet3d import UNET_FULL, UNET_TINY, UNet3D, UNet3DConfig, UNetLevel
+from cinematic.models.unet3d_config import ShapesOptions
 from cinematic.weights.modelscope_unet import convert_modelscope_unet
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -186,9 +189,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for enabled in (False, True):
         model.zero_grad()
-        model.gradient_checkpointing = enabled
+        if enabled:
+            checkpoint_gradients(model)
         model(x, t, context).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert [m.kind for m in modifications.active(model)] == ["gradient_checkpointing"]
+    modifications.undo_all(model)
+    assert not model.gradient_checkpointing and not modifications.active(model)
     torch.testing.assert_close(grads[1], grads[0], **TOL)
 
 
@@ -201,6 +208,11 @@ def test_runs_in_half_precision(dtype):
         actual = model.to(dtype)(x.to(dtype), 981, context.to(dtype))
     assert actual.dtype == dtype
     torch.testing.assert_close(actual.float(), expected, rtol=0.1, atol=0.1)
+
+
+def shapes_tiny(**options: object) -> UNet3DConfig:
+    """The tiny UNet with some of the shapes model's research options on."""
+    return dataclasses.replace(UNET_TINY, shapes=ShapesOptions(**options))
 
 
 def test_frame_positions_give_temporal_attention_the_frame_order():
@@ -220,7 +232,7 @@ def test_frame_positions_give_temporal_attention_the_frame_order():
     assert (
         table.shape == (6, 9) and torch.equal(table[0, :4], torch.zeros(4)) and torch.equal(table[:, 8], torch.zeros(6))
     )
-    full = UNet3D(dataclasses.replace(UNET_TINY, frame_positions=True))
+    full = UNet3D(shapes_tiny(frame_positions=True))
     assert full.state_dict().keys() == UNet3D(UNET_TINY).state_dict().keys()
     assert all(t.positions for t in full.modules() if isinstance(t, TemporalTransformer))
 
@@ -237,10 +249,10 @@ def test_coordinate_planes_tell_the_unet_where_each_pixel_is():
     torch.testing.assert_close(planes[0, 2, :, 2, 2], torch.linspace(-1, 1, 3))  # frame position
     assert torch.equal(coordinate_planes(torch.randn(1, 4, 1, 1, 1)), torch.zeros(1, 3, 1, 1, 1))
 
-    config = dataclasses.replace(UNET_TINY, coordinates=True)
+    config = shapes_tiny(coordinates=True)
     stored = ModelConfig().to_dict()
-    stored["unet"] = {**stored["unet"], "coordinates": True}  # as model.json holds it
-    assert ModelConfig.from_dict(stored).unet.coordinates
+    stored["unet"] = {**stored["unet"], "coordinates": True}  # flat, as the bundled model.json holds it
+    assert ModelConfig.from_dict(stored).unet.options.coordinates
     torch.manual_seed(0)
     plain, placed = randomize_(UNet3D(UNET_TINY)).eval(), UNet3D(config).eval()
     state = plain.state_dict()
@@ -279,7 +291,7 @@ def test_temporal_context_lets_a_word_act_differently_on_each_frame():
         reads(x, 6)
 
     # Off by default (the published layout); on, only the temporal attn2 key/value projections change shape.
-    config = dataclasses.replace(UNET_TINY, temporal_context=True)
+    config = shapes_tiny(temporal_context=True)
     plain, crossed = UNet3D(UNET_TINY).state_dict(), UNet3D(config).state_dict()
     assert plain.keys() == crossed.keys()
     changed = {k for k in plain if plain[k].shape != crossed[k].shape}
@@ -287,7 +299,7 @@ def test_temporal_context_lets_a_word_act_differently_on_each_frame():
     assert all(crossed[k].shape[1] == UNET_TINY.cross_attention_dim for k in changed)
     stored = ModelConfig().to_dict()
     stored["unet"] = {**stored["unet"], "temporal_context": True}
-    assert ModelConfig.from_dict(stored).unet.temporal_context and not UNET_FULL.temporal_context
+    assert ModelConfig.from_dict(stored).unet.options.temporal_context and UNET_FULL.shapes is None
     x, t, context = inputs(UNET_TINY, 2, 3, 8, 8)
     with torch.no_grad():
         assert UNet3D(config).eval()(x, t, context).shape == x.shape
@@ -296,13 +308,13 @@ def test_temporal_context_lets_a_word_act_differently_on_each_frame():
 def test_pooled_text_reaches_every_resnet_through_the_time_embedding():
     from cinematic.models.components import ModelConfig
 
-    config = dataclasses.replace(UNET_TINY, pooled_text=True)
+    config = shapes_tiny(pooled_text=True)
     plain, pooled = UNet3D(UNET_TINY).state_dict(), UNet3D(config).state_dict()
     assert set(pooled) - set(plain) == {f"text_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
     assert pooled["text_embedding.linear_1.weight"].shape == (UNET_TINY.time_embed_dim, UNET_TINY.cross_attention_dim)
     stored = ModelConfig().to_dict()
     stored["unet"] = {**stored["unet"], "pooled_text": True}
-    assert ModelConfig.from_dict(stored).unet.pooled_text and not UNET_FULL.pooled_text
+    assert ModelConfig.from_dict(stored).unet.options.pooled_text and not UNET_FULL.options.pooled_text
 
     torch.manual_seed(0)
     x, t, context = inputs(UNET_TINY, 2, 3, 8, 8)
@@ -315,7 +327,7 @@ def test_pooled_text_reaches_every_resnet_through_the_time_embedding():
                 if "attn2.to_v" in name:
                     p.zero_()
             changed = (model(x, t, context) - model(x, t, other)).abs().amax()
-        assert (changed > 1e-3) == moves, (cfg.pooled_text, changed)
+        assert (changed > 1e-3) == moves, (cfg.options.pooled_text, changed)
 
 
 def test_text_planes_draw_a_caption_dependent_layout_into_conv_in():
@@ -330,10 +342,10 @@ def test_text_planes_draw_a_caption_dependent_layout_into_conv_in():
     torch.testing.assert_close(basis[4, :, :, 0], f[:, None] * r[None, :])  # y * frame
     torch.testing.assert_close(basis[8, :, 0, 0], f * f)
 
-    config = dataclasses.replace(UNET_TINY, text_planes=2)
+    config = shapes_tiny(text_planes=2)
     stored = ModelConfig().to_dict()
     stored["unet"] = {**stored["unet"], "text_planes": 2}
-    assert ModelConfig.from_dict(stored).unet.text_planes == 2 and UNET_FULL.text_planes == 0
+    assert ModelConfig.from_dict(stored).unet.options.text_planes == 2 and UNET_FULL.options.text_planes == 0
     plain, planed = UNet3D(UNET_TINY).state_dict(), UNet3D(config).state_dict()
     assert set(planed) - set(plain) == {"text_layout.weight", "text_layout.bias"}
     assert planed["conv_in.weight"].shape[1] == plain["conv_in.weight"].shape[1] + 2
@@ -351,3 +363,23 @@ def test_text_planes_draw_a_caption_dependent_layout_into_conv_in():
         assert torch.equal(a[0], b[0]) and (a[1] - b[1]).abs().amax() > 1e-3
         model.conv_in.weight[:, -2:] = 0  # the planes' only way in is conv_in
         torch.testing.assert_close(model(x, t, context), model(x, t, other), rtol=0, atol=0)
+
+
+def test_shapes_options_load_from_the_old_flat_keys_and_are_stored_apart():
+    from cinematic.models.components import ModelConfig
+    from cinematic.weights import load
+
+    bundled = load("shapes").config.unet  # its model.json still holds the options flat among the unet's fields
+    assert bundled.shapes == ShapesOptions(frame_positions=True, coordinates=True, pooled_text=True, text_planes=4)
+    stored = ModelConfig(unet=bundled, text_encoder=dataclasses.replace(ModelConfig().text_encoder, width=64))
+    data = stored.to_dict()
+    assert data["unet"]["shapes"] == dataclasses.asdict(bundled.shapes)
+    assert not set(data["unet"]) & {"frame_positions", "coordinates", "temporal_context", "pooled_text", "text_planes"}
+    assert ModelConfig.from_dict(data) == stored  # the new form round-trips
+    published = ModelConfig().to_dict()
+    assert "shapes" not in published["unet"]  # the published config is only what the published model has
+    flat_off = {**published["unet"], "frame_positions": False, "text_planes": 0}  # an old published checkpoint
+    assert ModelConfig.from_dict({**published, "unet": flat_off}).unet == UNET_FULL
+    both = {**published["unet"], "coordinates": True, "shapes": {"coordinates": True}}
+    with pytest.raises(CinematicError, match="both flat and under 'shapes'"):
+        ModelConfig.from_dict({**published, "unet": both})

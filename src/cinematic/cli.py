@@ -73,7 +73,7 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
 
 def _lora_specs(specs: list[str]) -> list[tuple[str, float]]:
     """``--lora path[:scale]`` values, checked (the files exist, the scales are numbers) before any heavy work."""
-    from cinematic.lora import parse_spec
+    from cinematic.lora_loading import parse_spec
     from cinematic.weights.lora_formats import adapter_file
 
     parsed = [parse_spec(spec) for spec in specs]

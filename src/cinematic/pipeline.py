@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cinematic import lora as adapters
+from cinematic import lora_loading as adapters
 from cinematic.allocator import release_free_memory
 from cinematic.diffusion import sample
 from cinematic.diffusion.freeinit import free_init
@@ -31,6 +31,7 @@ from cinematic.models.components import Model
 from cinematic.models.cuda_graphs import CUDAGraphs
 from cinematic.models.freeu import FREEU_VIDEO, freeu
 from cinematic.models.layers import chunked_feed_forward
+from cinematic.models.modifications import graph_safe
 from cinematic.progress import Progress
 from cinematic.settings import ModelFacts, SettingError, Settings, settings_from, with_old_names
 from cinematic.video import write as write_video
@@ -144,8 +145,8 @@ class Pipeline:
         self._fast_unet = self._graphs or (unet if compile is not None else None)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, merge: bool = False) -> str:
-        """Apply the LoRA adapter at ``path`` with strength ``scale`` (see :func:`cinematic.lora.load_lora`); returns
-        its name for :meth:`unload_lora`."""
+        """Apply the LoRA adapter at ``path`` with strength ``scale`` (see
+        :func:`cinematic.lora_loading.load_lora`); returns its name for :meth:`unload_lora`."""
         if self._graphs is not None:
             self._graphs.reset()  # the recordings would run the layers as they were
         return adapters.load_lora(self.model.unet, path, scale, merge)
@@ -229,9 +230,9 @@ class Pipeline:
                 callback(i, total)
 
         def run(noise: torch.Tensor) -> torch.Tensor:
-            # The compiled or recorded UNet serves plain steps only: no feature caching and no hooks (FreeU's,
-            # unmerged adapters'), which are in place for the whole run.
-            fast = self._fast_unet if s.cache_interval == 1 and not _has_hooks(self.model.unet) else None
+            # The compiled or recorded UNet serves plain steps only: no feature caching, and no modification that a
+            # recorded forward would not run (FreeU, unmerged adapters), which are in place for the whole run.
+            fast = self._fast_unet if s.cache_interval == 1 and graph_safe(self.model.unet) else None
             unet = UNetCall(self.model.unet, self.dtype, self.device, fast)
             pin = start.pin(noise)
             latents = sample(
@@ -289,14 +290,3 @@ def check_acceleration(compile: Any, cuda_graphs: bool, device: torch.device | s
         raise CinematicError(f"unknown compile mode {compile!r}; allowed: {', '.join(COMPILE_MODES)}")
     if cuda_graphs and torch.device(device).type != "cuda":
         raise CinematicError(f"CUDA graphs need a CUDA device, not {device}; allowed: --device cuda")
-
-
-def _has_hooks(network: torch.nn.Module) -> bool:
-    """Whether any module of ``network`` has forward hooks that change its result (FreeU's, unmerged LoRA adapters',
-    a user's): a compiled or recorded forward would not run them."""
-    from cinematic.models.lora import adds_nothing
-
-    return any(
-        m._forward_pre_hooks or any(not adds_nothing(m, hook) for hook in m._forward_hooks.values())
-        for m in network.modules()
-    )

@@ -12,7 +12,7 @@ import torch
 from cinematic.diffusion import TruncatedGuidance, classifier_free_guidance, guided_steps
 from cinematic.diffusion.windows import WindowedEps
 from cinematic.generation.prompts import TextFeatures
-from cinematic.models.feature_cache import DeepCache
+from cinematic.models.feature_cache import DeepCache, caching
 from cinematic.settings import Settings
 
 Eps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,7 +35,8 @@ class UNetCall:
         if self.fast is not None and cache is None:
             t = torch.as_tensor(t, device=self.device, dtype=torch.float32).reshape(-1)
             return self.fast(x.to(self.dtype), t, context.to(self.dtype)).float()
-        return self.unet(x.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
+        with caching(self.unet, cache):
+            return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
 
 def guided_eps(

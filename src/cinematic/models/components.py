@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from cinematic.errors import CinematicError
 from cinematic.models.text_encoder import TextEncoderConfig
-from cinematic.models.unet3d import UNet3DConfig, UNetLevel
+from cinematic.models.unet3d import UNet3DConfig
 from cinematic.models.vae import VAEConfig
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self), "unet": self.unet.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -96,12 +96,11 @@ class ModelConfig:
         if version != FORMAT_VERSION:
             raise CinematicError(f"model.json has format_version {version!r}; this cinematic reads {FORMAT_VERSION}")
         try:
-            unet = dict(data["unet"])
-            unet["levels"] = tuple(UNetLevel(**level) for level in unet["levels"])
+            unet = UNet3DConfig.from_dict(data["unet"])
             vae = dict(data["vae"])
             vae["block_out_channels"] = tuple(vae["block_out_channels"])
             return cls(
-                unet=UNet3DConfig(**unet),
+                unet=unet,
                 text_encoder=TextEncoderConfig(**data["text_encoder"]),
                 vae=VAEConfig(**vae),
                 schedule=ScheduleConfig(**data.get("schedule", {})),

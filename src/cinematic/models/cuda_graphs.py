@@ -6,8 +6,9 @@ launch. :class:`CUDAGraphs` keeps one recorded graph per input signature (shapes
 unguided batch, each window length) and copies each call's inputs into the graph's own input tensors.
 
 What a graph cannot see, it must not be used for: a forward whose kernels depend on Python state (feature caching,
-FreeU's hooks) runs eagerly, and anything that changes the network's modules (adding or removing LoRA adapters)
-must :meth:`~CUDAGraphs.reset` it. Weights changed in place, as a merged LoRA does, are seen by the replay.
+FreeU's hooks; :func:`cinematic.models.modifications.graph_safe` says which changes these are) runs eagerly, and
+anything that changes the network's modules (adding or removing LoRA adapters) must :meth:`~CUDAGraphs.reset` it.
+Weights changed in place, as a merged LoRA does, are seen by the replay.
 """
 
 from __future__ import annotations

@@ -7,20 +7,26 @@ step it runs only ``conv_in``, ``transformer_in`` and the first ``depth`` encode
 new timestep and input), then the last ``depth`` decoder levels on the remembered deep features. With the published
 config and ``depth=1`` that is one of four levels: the 320-channel level at full resolution.
 
-``DeepCache`` is the state the UNet reads and writes (``UNet3D.forward(..., cache=...)``); a sampling loop calls
-:meth:`DeepCache.next_step` once before each step. Step ``i`` is full when ``i % interval == 0``; so ``interval=1``
-is the plain computation. A call reuses features only if its input shape and its text context equal those of a call
-of the last full step; otherwise it runs whole and remembers its features (for example the first step after
-guidance truncation, where the batch changes from ``[uncond, cond]`` to ``cond`` alone).
+``DeepCache`` is the state the UNet reads and writes while :func:`caching` holds it attached to the UNet (a change
+recorded by :mod:`cinematic.models.modifications`, never safe for a compiled or recorded forward, whose kernels
+cannot follow the cache's Python state); a sampling loop calls :meth:`DeepCache.next_step` once before each step.
+Step ``i`` is full when ``i % interval == 0``; so ``interval=1`` is the plain computation. A call reuses features
+only if its input shape and its text context equal those of a call of the last full step; otherwise it runs whole
+and remembers its features (for example the first step after guidance truncation, where the batch changes from
+``[uncond, cond]`` to ``cond`` alone).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from cinematic.errors import CinematicError
+from cinematic.models import modifications
 
 
 @dataclass
@@ -78,3 +84,23 @@ class DeepCache:
     def store(self, x: torch.Tensor, context: torch.Tensor, deep: torch.Tensor) -> None:
         self.entries = [e for e in self.entries if not (e.shape == tuple(x.shape) and torch.equal(e.context, context))]
         self.entries.append(_Entry(tuple(x.shape), context, deep))
+
+
+def attach(unet: nn.Module, cache: DeepCache) -> modifications.Modification:
+    """Make ``unet`` (a :class:`~cinematic.models.unet3d.UNet3D`) read and write ``cache`` at every call."""
+    if unet.feature_cache is not None:
+        raise CinematicError("this UNet already has a feature cache attached")
+    unet.feature_cache = cache
+
+    def detach() -> None:
+        unet.feature_cache = None
+
+    detail = f"interval {cache.interval}, depth {cache.depth}"
+    return modifications.record(unet, "feature_cache", detail, detach, graph_safe=False)
+
+
+@contextmanager
+def caching(unet: nn.Module, cache: DeepCache | None) -> Iterator[None]:
+    """``cache`` attached to ``unet`` for the block (None: nothing changes)."""
+    with modifications.applied(unet, None if cache is None else attach(unet, cache)):
+        yield

@@ -10,7 +10,9 @@ At every concatenation ``[h, skip]`` of the two deepest decoder levels (level i 
   by ``s``, damping the skip's low frequencies so the backbone's semantics dominate.
 
 Nothing is retrained. It acts through forward pre-hooks on the decoder resnets, which receive exactly ``cat([h,
-skip])``, so the UNet itself is untouched and the hooks come off when the context ends. ``b = 1`` and ``s = 1``
+skip])``, so the UNet's weights are untouched; :func:`apply` records the hooks as one change
+(:mod:`cinematic.models.modifications`, not safe for a compiled or recorded forward, which would not run them), and
+undoing it takes them off. ``b = 1`` and ``s = 1``
 are skipped rather than computed, so they are the identity exactly.
 """
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from cinematic.models import modifications
 
 
 @dataclass(frozen=True)
@@ -89,25 +93,29 @@ def _hook(backbone_channels: int, b: float, s: float, radius: int):
     return pre_hook
 
 
-@contextmanager
-def freeu(unet: nn.Module, config: FreeUConfig | None = FREEU_VIDEO) -> Iterator[None]:
-    """Within the context, ``unet`` (a :class:`~cinematic.models.unet3d.UNet3D`) runs with FreeU; ``None`` is off.
+def apply(unet: nn.Module, config: FreeUConfig = FREEU_VIDEO) -> modifications.Modification:
+    """Make ``unet`` (a :class:`~cinematic.models.unet3d.UNet3D`) run with FreeU until the change is undone.
 
     Decoder layer j of a level reads ``cat([h, skip])``: ``h`` is the previous level's output for j = 0 (the
     middle block's width for the deepest level) and this level's own width after that.
     """
-    if config is None:
-        yield
-        return
     widths = [level.channels for level in reversed(unet.config.levels)]  # decoder order, deepest first
     factors = [(config.b1, config.s1), (config.b2, config.s2)]
     handles = []
-    try:
-        for i, (block, (b, s)) in enumerate(zip(unet.up_blocks, factors)):
-            for j, resnet in enumerate(block.resnets):
-                backbone = widths[max(i - 1, 0)] if j == 0 else widths[i]
-                handles.append(resnet.register_forward_pre_hook(_hook(backbone, b, s, config.radius)))
-        yield
-    finally:
+    for i, (block, (b, s)) in enumerate(zip(unet.up_blocks, factors)):
+        for j, resnet in enumerate(block.resnets):
+            backbone = widths[max(i - 1, 0)] if j == 0 else widths[i]
+            handles.append(resnet.register_forward_pre_hook(_hook(backbone, b, s, config.radius)))
+
+    def remove() -> None:
         for handle in handles:
             handle.remove()
+
+    return modifications.record(unet, "freeu", repr(config), remove, graph_safe=False)
+
+
+@contextmanager
+def freeu(unet: nn.Module, config: FreeUConfig | None = FREEU_VIDEO) -> Iterator[None]:
+    """Within the context, ``unet`` runs with FreeU (see :func:`apply`); ``None`` is off."""
+    with modifications.applied(unet, None if config is None else apply(unet, config)):
+        yield

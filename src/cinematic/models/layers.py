@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cinematic.models import modifications
+
 
 class GroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics are computed in float32 whatever the weight dtype."""
@@ -78,7 +80,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU feed-forward. Its intermediate is 12x the input's size (the projection to 8x the width, then the gated
     4x): at 16 frames of 32x32 latents the first level's is ~0.35 GB, the largest tensor of a step. With ``rows``
-    set (:func:`chunked_feed_forward`) inference runs it that many tokens at a time."""
+    set (by :func:`chunk_feed_forwards`, never by hand) inference runs it that many tokens at a time."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -94,18 +96,41 @@ class FeedForward(nn.Module):
         return torch.cat(pieces).view(*x.shape[:-1], -1)
 
 
-@contextmanager
-def chunked_feed_forward(module: nn.Module, rows: int | None) -> Iterator[None]:
-    """Within the context, every :class:`FeedForward` in ``module`` runs ``rows`` tokens at a time at inference
-    (``None``: whole). Each row's result is computed as before; only the matrix products' blocking differs."""
+def chunk_feed_forwards(module: nn.Module, rows: int) -> modifications.Modification:
+    """Make every :class:`FeedForward` in ``module`` run ``rows`` tokens at a time at inference, until undone.
+
+    Graph-safe: each row's result is computed as before (only the matrix products' blocking differs), so a compiled
+    or recorded plain forward computes the same values; it just keeps the unchunked memory peak.
+    """
     layers = [m for m in module.modules() if isinstance(m, FeedForward)]
+    before = [layer.rows for layer in layers]
     for layer in layers:
         layer.rows = rows
-    try:
+
+    def restore() -> None:
+        for layer, old in zip(layers, before):
+            layer.rows = old
+
+    return modifications.record(module, "chunked_feed_forward", f"{rows} rows", restore, graph_safe=True)
+
+
+@contextmanager
+def chunked_feed_forward(module: nn.Module, rows: int | None) -> Iterator[None]:
+    """Within the context, the feed-forwards of ``module`` run ``rows`` tokens at a time (``None``: whole)."""
+    with modifications.applied(module, None if rows is None else chunk_feed_forwards(module, rows)):
         yield
-    finally:
-        for layer in layers:
-            layer.rows = None
+
+
+def checkpoint_gradients(network: nn.Module) -> modifications.Modification:
+    """Recompute ``network``'s activations in the backward pass (its ``gradient_checkpointing``, for training), until
+    undone. Graph-safe: it acts only while gradients are recorded, so the inference forward is unchanged."""
+    before = network.gradient_checkpointing
+    network.gradient_checkpointing = True
+
+    def restore() -> None:
+        network.gradient_checkpointing = before
+
+    return modifications.record(network, "gradient_checkpointing", "", restore, graph_safe=True)
 
 
 class BasicTransformerBlock(nn.Module):

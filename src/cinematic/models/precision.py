@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from cinematic.models import modifications
+
 
 class CastArena:
     """Where the per-layer casts of :func:`compute_in` are written: one preallocated buffer used as a ring.
@@ -63,16 +65,20 @@ def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     Uses ``torch.nn.utils.parametrize``: ``layer.weight`` becomes the cast of the stored tensor, computed at each
     access (inside the layer's forward), so only one layer's weights exist in ``dtype`` at a time. Parameters already
     in ``dtype`` are left alone. The state-dict keys of a cast parameter gain ``parametrizations.<name>.original``;
-    this is a mode for inference, not for saving. (cinematic's networks have no floating buffers to cast.)
+    this is a mode for inference, not for saving. (cinematic's networks have no floating buffers to cast.) The change is
+    recorded (:mod:`cinematic.models.modifications`, kind ``"compute_dtype"``): undoing it puts the stored parameters
+    back as they were. Graph-safe: the casts run inside each layer's own forward, which a compiled or recorded
+    forward runs too.
 
     On the CPU the casts are written into one :class:`CastArena` per module instead of fresh memory. Embedding
     tables are not cast whole: an ``nn.Embedding`` looks its rows up in the stored table and casts what it returns
     (the text encoder's 49408 x 1024 token table would otherwise be cast at every call, and size the arena).
     """
-    for sub in module.modules():
-        if isinstance(sub, nn.Embedding) and sub.weight.is_floating_point() and sub.weight.dtype != dtype:
-            sub.weight.requires_grad_(False)
-            sub.register_forward_hook(lambda _module, _args, out: out.to(dtype))
+    embeddings = [
+        sub
+        for sub in module.modules()
+        if isinstance(sub, nn.Embedding) and sub.weight.is_floating_point() and sub.weight.dtype != dtype
+    ]
     cast = [
         (sub, name, param)
         for sub in module.modules()
@@ -80,16 +86,29 @@ def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         for name, param in sub.named_parameters(recurse=False)
         if param.is_floating_point() and param.dtype != dtype
     ]
-    if not cast:
+    if not cast and not embeddings:
         return module
-    device = cast[0][2].device
-    largest = max(param.numel() for _, _, param in cast)
-    arena = CastArena(largest + (1 << 20), dtype, device) if device.type == "cpu" else None
-    for sub, name, param in cast:
+    frozen = [(p, p.requires_grad) for p in [e.weight for e in embeddings] + [param for _, _, param in cast]]
+    handles = [e.register_forward_hook(lambda _module, _args, out: out.to(dtype)) for e in embeddings]
+    device = cast[0][2].device if cast else None
+    largest = max((param.numel() for _, _, param in cast), default=0)
+    arena = CastArena(largest + (1 << 20), dtype, device) if device is not None and device.type == "cpu" else None
+    for param, _ in frozen:
         # Inference only: frozen, so that nothing (autograd, FlopCounterMode's module tracker) treats the cast as a
         # step of a graph to differentiate.
         param.requires_grad_(False)
+    for sub, name, _ in cast:
         parametrize.register_parametrization(sub, name, _Cast(dtype, arena), unsafe=True)
+
+    def restore() -> None:
+        for sub, name, _ in cast:  # the stored Parameter objects themselves come back
+            parametrize.remove_parametrizations(sub, name, leave_parametrized=False)
+        for handle in handles:
+            handle.remove()
+        for param, requires_grad in frozen:
+            param.requires_grad_(requires_grad)
+
+    modifications.record(module, "compute_dtype", str(dtype).removeprefix("torch."), restore, graph_safe=True)
     return module
 
 
@@ -107,12 +126,30 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     Weights are quantized per output channel (less error than one scale per tensor: 0.12 against 0.13 relative
     error on the tiny test UNet with every parameter random), activations per call with one scale per tensor.
     CPU only, fp32 modules only. Convolutions, half of the UNet's FLOPs, stay fp32: PyTorch has no dynamic int8
-    convolution.
+    convolution. The change is recorded (kind ``"int8"``): undoing it puts the original Linear modules back, whose
+    weights quantization only read. Graph-safe: the quantized layers are ordinary submodules of the forward.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    linears = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if parametrize.type_before_parametrizations(child) is nn.Linear  # what quantize_dynamic swaps
+    ]
+    had_qconfig = {id(m) for m in module.modules() if "qconfig" in m.__dict__}
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+    def restore() -> None:
+        for parent, name, child in linears:
+            setattr(parent, name, child)
+        for m in [*module.modules(), *(child for _, _, child in linears)]:
+            if id(m) not in had_qconfig:
+                m.__dict__.pop("qconfig", None)  # quantize_dynamic labels every module it visits with its qconfig
+
+    modifications.record(module, "int8", f"{len(linears)} Linear layers", restore, graph_safe=True)
+    return module

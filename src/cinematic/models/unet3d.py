@@ -45,21 +45,24 @@ class UNet3D(nn.Module):
     def __init__(self, config: UNet3DConfig = UNET_FULL):
         super().__init__()
         self.config = config
+        # Inference-time changes made through cinematic.models.modifications (never set by hand): recompute
+        # activations in the backward pass (layers.checkpoint_gradients), reuse deep features (feature_cache.caching).
         self.gradient_checkpointing = False
+        self.feature_cache: DeepCache | None = None
         widths = [level.channels for level in config.levels]
         c0 = widths[0]
         self.conv_in = nn.Conv2d(config.in_channels + config.coordinate_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
-        if config.pooled_text:
+        if config.options.pooled_text:
             self.text_embedding = TimestepEmbedding(config.cross_attention_dim, config.time_embed_dim)
-        if config.text_planes:
-            self.text_layout = nn.Linear(config.cross_attention_dim, config.text_planes * LAYOUT_BASIS)
+        if config.options.text_planes:
+            self.text_layout = nn.Linear(config.cross_attention_dim, config.options.text_planes * LAYOUT_BASIS)
         self.transformer_in = TemporalTransformer(
             c0,
             config.transformer_in_heads,
             config.head_dim,
             config.norm_groups,
-            config.frame_positions,
+            config.options.frame_positions,
             config.temporal_context_dim,
         )
         self.down_blocks = nn.ModuleList(self._down_blocks(config))
@@ -102,29 +105,28 @@ class UNet3D(nn.Module):
         emb = timestep_embedding(t, self.config.levels[0].channels)
         return self.time_embedding(emb.to(self.dtype))
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, cache: DeepCache | None = None
-    ) -> torch.Tensor:
-        """``cache``: optional feature caching across steps (see :mod:`cinematic.models.feature_cache`); on a
-        cached step only the first ``cache.depth`` levels of the encoder and the last of the decoder run."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """With a feature cache attached (:func:`cinematic.models.feature_cache.caching`), a cached step runs only the
+        first ``cache.depth`` levels of the encoder and the last of the decoder."""
         b, _, frames, _, _ = x.shape
-        deep = None
+        cache, deep = self.feature_cache, None
         if cache is not None:
             cache.check_depth(len(self.down_blocks))
             deep = cache.lookup(x, context)
         levels = len(self.down_blocks) if deep is None else cache.depth
         # Time embedding and text context are per video; every frame gets its video's copy.
         temb = self.embed_time(t, b, x.device)
-        pooled = context.mean(dim=1) if self.config.pooled_text or self.config.text_planes else None  # [B,D]
-        if self.config.pooled_text:
+        options = self.config.options
+        pooled = context.mean(dim=1) if options.pooled_text or options.text_planes else None  # [B,D]
+        if options.pooled_text:
             temb = temb + self.text_embedding(pooled)  # [B,D] -> [B,E]
         temb = temb.repeat_interleave(frames, dim=0)  # [B,E] -> [(B F),E]
         context_f = context.repeat_interleave(frames, dim=0)  # [B,L,D] -> [(B F),L,D]
 
-        if self.config.coordinates:
+        if options.coordinates:
             x = torch.cat([x, coordinate_planes(x)], dim=1)
-        if self.config.text_planes:
-            weights = self.text_layout(pooled).view(b, self.config.text_planes, LAYOUT_BASIS)
+        if options.text_planes:
+            weights = self.text_layout(pooled).view(b, options.text_planes, LAYOUT_BASIS)
             x = torch.cat([x, torch.einsum("bpk,kfhw->bpfhw", weights, layout_basis(x))], dim=1)
         h = self.conv_in(fold_frames(x))  # [B,C,F,H,W] -> [(B F),C,H,W]
         h = self.transformer_in(h, frames, context_f)

@@ -229,7 +229,7 @@ class _LayerStack(nn.Module):
             )
             self.temp_attentions = nn.ModuleList(
                 TemporalTransformer(
-                    out_ch, heads, head_dim, groups, config.frame_positions, config.temporal_context_dim
+                    out_ch, heads, head_dim, groups, config.options.frame_positions, config.temporal_context_dim
                 )
                 for _ in range(attention_layers)
             )

@@ -1,9 +1,11 @@
-"""The 3D UNet's configuration: its levels and the switches of the additions to the published model. Apart from
+"""The 3D UNet's configuration: its levels, and the options only the bundled shapes model uses. Apart from
 ``unet3d.py`` so that the blocks in ``unet3d_blocks.py`` can name it without an import cycle."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
 
 from cinematic.errors import CinematicError
 
@@ -17,23 +19,10 @@ class UNetLevel:
 
 
 @dataclass(frozen=True)
-class UNet3DConfig:
-    """Defaults are the published model (diffusers ``unet/config.json`` / ModelScope ``model_cfg``)."""
+class ShapesOptions:
+    """Research additions to the published architecture that only the small bundled ``shapes`` model uses
+    (docs/shapes.md says what each fixed there); each is off by default and none has a published checkpoint."""
 
-    in_channels: int = 4
-    out_channels: int = 4
-    levels: tuple[UNetLevel, ...] = (
-        UNetLevel(320, True),
-        UNetLevel(640, True),
-        UNetLevel(1280, True),
-        UNetLevel(1280, False),
-    )
-    layers_per_block: int = 2  # the decoder has one more per level, to consume the downsampler's skip
-    head_dim: int = 64  # spatial/temporal transformers use channels // head_dim heads of this width
-    cross_attention_dim: int = 1024
-    norm_groups: int = 32
-    norm_eps: float = 1e-5
-    transformer_in_heads: int = 8  # transformer_in alone has a fixed head count (8 x 64 = 512 inner)
     # Sinusoidal frame positions in every temporal transformer. Not in the published model (whose frame order comes
     # from the temporal convolutions alone); the small shapes model needs them to tie a direction word to motion.
     frame_positions: bool = False
@@ -61,6 +50,36 @@ class UNet3DConfig:
     text_planes: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.text_planes, bool) or not isinstance(self.text_planes, int) or self.text_planes < 0:
+            raise CinematicError(f"ShapesOptions: text_planes must be an integer >= 0, not {self.text_planes!r}")
+
+
+SHAPES_OPTION_NAMES = tuple(f.name for f in fields(ShapesOptions))
+
+
+@dataclass(frozen=True)
+class UNet3DConfig:
+    """Defaults are the published model (diffusers ``unet/config.json`` / ModelScope ``model_cfg``)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    levels: tuple[UNetLevel, ...] = (
+        UNetLevel(320, True),
+        UNetLevel(640, True),
+        UNetLevel(1280, True),
+        UNetLevel(1280, False),
+    )
+    layers_per_block: int = 2  # the decoder has one more per level, to consume the downsampler's skip
+    head_dim: int = 64  # spatial/temporal transformers use channels // head_dim heads of this width
+    cross_attention_dim: int = 1024
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    transformer_in_heads: int = 8  # transformer_in alone has a fixed head count (8 x 64 = 512 inner)
+    # The bundled shapes model's additions to the architecture (see :class:`ShapesOptions`); None in every published
+    # model, and then absent from the stored config.
+    shapes: ShapesOptions | None = None
+
+    def __post_init__(self) -> None:
         if not self.levels:
             raise CinematicError("UNet3DConfig: levels must not be empty")
         if min(self.in_channels, self.out_channels, self.layers_per_block, self.head_dim, self.norm_groups) < 1:
@@ -83,13 +102,43 @@ class UNet3DConfig:
                 )
 
     @property
+    def options(self) -> ShapesOptions:
+        """The shapes options in force (all off for the published model)."""
+        return self.shapes or NO_SHAPES_OPTIONS
+
+    @property
     def coordinate_channels(self) -> int:
-        return (3 if self.coordinates else 0) + self.text_planes
+        return (3 if self.options.coordinates else 0) + self.options.text_planes
 
     @property
     def temporal_context_dim(self) -> int | None:
-        return self.cross_attention_dim if self.temporal_context else None
+        return self.cross_attention_dim if self.options.temporal_context else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as stored in ``model.json``; ``shapes`` only when the model has shapes options."""
+        data = dataclasses.asdict(self)
+        if self.shapes is None:
+            del data["shapes"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNet3DConfig:
+        """Read :meth:`to_dict`'s form, or the older one with the shapes options flat among the other fields (the
+        bundled model's ``model.json`` and checkpoints saved before the options had their own place)."""
+        data = dict(data)
+        flat = {name: data.pop(name) for name in SHAPES_OPTION_NAMES if name in data}
+        if flat and data.get("shapes") is not None:
+            raise CinematicError(f"unet config gives {', '.join(flat)} both flat and under 'shapes'")
+        nested = data.pop("shapes", None)
+        shapes = None if nested is None else ShapesOptions(**nested)
+        if flat and ShapesOptions(**flat) != NO_SHAPES_OPTIONS:  # old flat form: all off means a published model
+            shapes = ShapesOptions(**flat)
+        levels = tuple(UNetLevel(**level) for level in data.pop("levels"))
+        return cls(**data, levels=levels, shapes=shapes)
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.levels[0].channels
+
+
+NO_SHAPES_OPTIONS = ShapesOptions()

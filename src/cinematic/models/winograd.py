@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cinematic.models import modifications
+
 # F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] (applied as _BT_ROWS below),
 # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] (written out in conv3x3), and G:
 _G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
@@ -145,16 +147,27 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def enable(module: nn.Module, min_channels: int | None = None) -> int:
     """Switch every eligible 3x3 convolution in ``module`` to Winograd (an instance attribute ``forward``; the
     parameters, their names and the class stay as they are, so weight loading, LoRA and ``compute_in`` are
-    unaffected). Returns how many were switched."""
-    count = 0
-    for conv in module.modules():
-        if eligible(conv, min_channels):
-            conv.forward = _forward.__get__(conv)
-            count += 1
-    return count
+    unaffected). Returns how many were switched.
+
+    Recorded as one change (kind ``"winograd"``, :mod:`cinematic.models.modifications`) that :func:`disable` undoes.
+    Graph-safe: the switch is the convolution's own forward, which a compiled forward traces; and it computes only on
+    the CPU, where nothing is recorded as a CUDA graph.
+    """
+    # A convolution with a forward of its own already (switched before) is left to the change that switched it.
+    convs = [conv for conv in module.modules() if eligible(conv, min_channels) and "forward" not in conv.__dict__]
+    if not convs:
+        return 0
+    for conv in convs:
+        conv.forward = _forward.__get__(conv)
+
+    def restore() -> None:
+        for conv in convs:
+            del conv.forward  # the class's forward shows through again
+
+    modifications.record(module, "winograd", f"{len(convs)} convolutions", restore, graph_safe=True)
+    return len(convs)
 
 
 def disable(module: nn.Module) -> None:
-    for conv in module.modules():
-        if "forward" in conv.__dict__ and getattr(conv.forward, "__func__", None) is _forward:
-            del conv.forward
+    """Undo every :func:`enable` of ``module`` and its submodules."""
+    modifications.undo_all(module, "winograd")

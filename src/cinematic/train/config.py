@@ -79,7 +79,8 @@ class TrainConfig:
     workers: int = 0  # data-loading processes; 0 loads in the training process
     progress: bool = True  # a progress line on stderr
     # LoRA: train rank-``lora`` adapters on the UNet's attention projections (``lora_targets``: spatial, temporal or
-    # both) and nothing else; checkpoints then hold the adapter (see ``models/lora.py``). None: train the weights.
+    # both) and nothing else; checkpoints then hold the adapter (see ``models/lora_adapters.py``). None: train the
+    # weights.
     lora: int | None = None
     lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
     lora_targets: str = "both"
@@ -146,7 +147,7 @@ class TrainConfig:
             if self.lora_alpha is not None or self.lora_targets != "both":
                 raise CinematicError("--lora-alpha and --lora-targets need --lora RANK")
             return
-        from cinematic.models.lora import LoRAConfig
+        from cinematic.models.lora_adapters import LoRAConfig
 
         LoRAConfig(self.lora, self.lora_alpha, self.lora_targets)  # raises on a bad rank, alpha or targets
         if self.stage != "unet" or self.init is None or self.parts is not None:
@@ -154,8 +155,8 @@ class TrainConfig:
                                  "--stage vae")  # fmt: skip
 
     def lora_config(self):
-        """The :class:`cinematic.models.lora.LoRAConfig` of a LoRA run (None otherwise)."""
-        from cinematic.models.lora import LoRAConfig
+        """The :class:`cinematic.models.lora_adapters.LoRAConfig` of a LoRA run (None otherwise)."""
+        from cinematic.models.lora_adapters import LoRAConfig
 
         return None if self.lora is None else LoRAConfig(self.lora, self.lora_alpha, self.lora_targets)
 

@@ -170,7 +170,7 @@ class Trainer:
         c, model = run.config, run.model
         _own_storage(model)
         if c.lora is not None:
-            from cinematic.train.lora import lora_trainable
+            from cinematic.train.lora_training import lora_trainable
 
             self.trainable = lora_trainable(model, c.lora_config(), c.seed, run.state)
         else:
@@ -178,7 +178,11 @@ class Trainer:
         self.params = [p for named in self.trainable.values() for _, p in named]
         if not self.params:
             raise CinematicError(f"{c.parts or c.stage}: this model has no such parameters to train")
-        model.unet.gradient_checkpointing = model.vae.gradient_checkpointing = c.gradient_checkpointing
+        if c.gradient_checkpointing:
+            from cinematic.models.layers import checkpoint_gradients
+
+            for network in (model.unet, model.vae):
+                checkpoint_gradients(network)
         if c.dropout is not None:
             for module in model.unet.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -282,7 +286,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
         }
         if c.lora is not None:
-            from cinematic.train.lora import save_lora_checkpoint
+            from cinematic.train.lora_training import save_lora_checkpoint
 
             return save_lora_checkpoint(c.out, done, model, self.ema, self.trainable, state, c)
         keep = c.keep_checkpoints

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from cinematic.errors import CinematicError
-from cinematic.models import lora as lora_modules
+from cinematic.models import lora_adapters
 from cinematic.models.components import Model
-from cinematic.models.lora import LoRAConfig
+from cinematic.models.lora_adapters import LoRAConfig
 from cinematic.train.batches import INIT, derive_seed
 from cinematic.train.state import DTYPES, EMA, LATEST_FILE, STATE_FILE, STATE_VERSION, checkpoint_dir
 
-NAME = lora_modules.DEFAULT_NAME
+NAME = lora_adapters.DEFAULT_NAME
 
 
 def lora_trainable(
@@ -37,8 +37,8 @@ def lora_trainable(
         network.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, INIT))
-        lora_modules.add_lora(model.unet, config, NAME)
-    named = [(n, p) for n, p in model.unet.named_parameters() if f".{lora_modules.ADAPTERS}.{NAME}." in n]
+        lora_adapters.add_lora(model.unet, config, NAME)
+    named = [(n, p) for n, p in model.unet.named_parameters() if f".{lora_adapters.ADAPTERS}.{NAME}." in n]
     if state is not None:
         saved = state["networks"]["unet"]
         alpha = config.alpha if config.alpha is not None else float(config.rank)
@@ -73,7 +73,7 @@ def save_lora_checkpoint(
     staging = out / f".{target.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     with ema.swapped():
-        adapter = {k: (d.clone(), u.clone(), a) for k, (d, u, a) in lora_modules.adapter_state(model.unet).items()}
+        adapter = {k: (d.clone(), u.clone(), a) for k, (d, u, a) in lora_adapters.adapter_state(model.unet).items()}
     alpha = lora.alpha if lora.alpha is not None else float(lora.rank)
     write_adapter(staging, adapter, lora.rank, alpha, lora.targets, DTYPES[config.save_dtype])
     raw = {n: p.detach().clone() for n, p in trainable["unet"]}

@@ -8,6 +8,12 @@ adapters can be stacked. ``up`` starts at zero, so a fresh adapter leaves the mo
 Merging adds ``scale * (alpha / rank) * up @ down`` into the layer's weight (computed in float32) after keeping a copy
 of the weight, and unmerging puts that copy back: the base weights return bit for bit.
 
+Both are changes recorded by :mod:`cinematic.models.modifications`: attaching adapter ``name`` is one (kind
+``"lora"``, undone by :func:`remove`, which takes the hook and the ``lora_adapters`` container off again with the last
+adapter of a layer), merging it another (kind ``"lora_merge"``, undone by :func:`unmerge`). An attached adapter is
+graph-safe only while its hook adds nothing: merged into the weights, which a compiled or recorded forward reads, or
+at scale 0.
+
 Layer names are the UNet's module names, which follow diffusers' ``UNet3DConditionModel`` exactly, e.g.
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``; ``weights/lora_formats.py`` turns them into file keys.
 """
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from cinematic.errors import CinematicError
+from cinematic.models import modifications
 
 TARGETS = ("spatial", "temporal", "both")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -87,18 +94,20 @@ class Adapter(nn.Module):
         return (self.up.weight.float() @ self.down.weight.float()) * self.factor
 
 
+class AdapterSet(nn.ModuleDict):
+    """A layer's adapters by name, and the handle of the forward hook through which they reach its output."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.hook = layer.register_forward_hook(_add_adapters)
+
+
 def _add_adapters(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook of an adapted layer: its output plus every unmerged adapter's update."""
     for adapter in getattr(module, ADAPTERS).values():
         if not adapter.merged and adapter.scale != 0:
             output = output + adapter(args[0]).to(output.dtype)
     return output
-
-
-def adds_nothing(module: nn.Module, hook: object) -> bool:
-    """Whether ``hook`` of ``module`` is the adapters' hook with nothing to add (every adapter merged, at scale 0, or
-    removed): a compiled or recorded forward may then leave it out."""
-    return hook is _add_adapters and all(a.merged or a.scale == 0 for a in getattr(module, ADAPTERS, {}).values())
 
 
 def target_layers(unet: nn.Module, targets: str) -> dict[str, nn.Module]:
@@ -115,27 +124,44 @@ def target_layers(unet: nn.Module, targets: str) -> dict[str, nn.Module]:
 
 
 def attach(
+    unet: nn.Module,
     layers: dict[str, nn.Module],
     ranks: dict[str, int],
     alphas: dict[str, float],
     name: str = DEFAULT_NAME,
     scale: float = 1.0,
 ) -> dict[str, Adapter]:
-    """Add a fresh adapter ``name`` to each layer (rank and alpha per layer); returns the adapters by layer name."""
-    adapters = {}
+    """Add a fresh adapter ``name`` to each of ``unet``'s ``layers`` (rank and alpha per layer), recorded as one change
+    of ``unet``; returns the adapters by layer name."""
     for layer_name, layer in layers.items():
         if not hasattr(layer, "in_features"):
             raise CinematicError(f"{layer_name} is not a linear layer and cannot take a LoRA adapter")
-        if not hasattr(layer, ADAPTERS):
-            setattr(layer, ADAPTERS, nn.ModuleDict())
-            layer.register_forward_hook(_add_adapters)
-        existing = getattr(layer, ADAPTERS)
-        if name in existing:
+        if name in getattr(layer, ADAPTERS, {}):
             raise CinematicError(f"an adapter named {name!r} is already loaded")
+    adapters = {}
+    for layer_name, layer in layers.items():
+        if not hasattr(layer, ADAPTERS):
+            setattr(layer, ADAPTERS, AdapterSet(layer))
         weight = _stored_weight(layer)
         adapter = Adapter(layer.in_features, layer.out_features, ranks[layer_name], alphas[layer_name], scale)
-        existing[name] = adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
-        adapters[layer_name] = existing[name]
+        getattr(layer, ADAPTERS)[name] = adapter.to(
+            device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None
+        )
+        adapters[layer_name] = getattr(layer, ADAPTERS)[name]
+
+    def detach() -> None:
+        unmerge(unet, name)
+        for layer in layers.values():
+            held = getattr(layer, ADAPTERS)
+            del held[name]
+            if not held:  # the last adapter of the layer: the layer is exactly as before the first one came
+                held.hook.remove()
+                delattr(layer, ADAPTERS)
+
+    def adds_nothing() -> bool:
+        return all(a.merged or a.scale == 0 for a in adapters.values())
+
+    modifications.record(unet, "lora", name, detach, graph_safe=adds_nothing)
     return adapters
 
 
@@ -178,38 +204,49 @@ def _plain_weight(layer_name: str, layer: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def merge(unet: nn.Module, name: str = DEFAULT_NAME) -> None:
-    """Fold adapter ``name`` into its layers' weights (a copy of each weight is kept for :func:`unmerge`)."""
-    for layer_name, layer in _layers_with(unet, name).items():
-        adapter = getattr(layer, ADAPTERS)[name]
-        if adapter.merged:
-            continue
-        weight = _plain_weight(layer_name, layer)
+    """Fold adapter ``name`` into its layers' weights (a copy of each weight is kept for :func:`unmerge`); recorded
+    as a change of ``unet``, graph-safe since it lives in the weights."""
+    layers = _layers_with(unet, name)
+    todo = {n: layer for n, layer in layers.items() if not getattr(layer, ADAPTERS)[name].merged}
+    if not todo:
+        return
+    weights = {n: _plain_weight(n, layer) for n, layer in todo.items()}  # every layer checked before any changes
+    for layer_name, layer in todo.items():
+        adapter, weight = getattr(layer, ADAPTERS)[name], weights[layer_name]
         adapter.original = weight.detach().clone()
         adapter.merge_order = max((a.merge_order for a in getattr(layer, ADAPTERS).values()), default=0) + 1
         weight.copy_((weight.float() + adapter.delta().to(weight.device)).to(weight.dtype))
         adapter.merged = True
+    modifications.record(unet, "lora_merge", name, lambda: _restore_weights(todo, name), graph_safe=True)
 
 
 @torch.no_grad()
+def _restore_weights(layers: dict[str, nn.Module], name: str) -> None:
+    for layer_name, layer in layers.items():
+        adapter = getattr(layer, ADAPTERS)[name]
+        later = [n for n, a in getattr(layer, ADAPTERS).items() if a.merged and a.merge_order > adapter.merge_order]
+        if later:  # the kept copy predates them: restoring it would drop their updates too
+            raise CinematicError(f"unmerge adapter {later[-1]!r} before {name!r} (merged after it into {layer_name})")
+    for layer in layers.values():
+        adapter = getattr(layer, ADAPTERS)[name]
+        layer.weight.copy_(adapter.original)
+        adapter.original, adapter.merged = None, False
+
+
 def unmerge(unet: nn.Module, name: str = DEFAULT_NAME) -> None:
     """Put back the weights that :func:`merge` changed, exactly; the adapter stays loaded (unmerged)."""
-    for layer_name, layer in _layers_with(unet, name).items():
-        adapter = getattr(layer, ADAPTERS)[name]
-        if adapter.merged:
-            later = [n for n, a in getattr(layer, ADAPTERS).items() if a.merged and a.merge_order > adapter.merge_order]
-            if later:  # the kept copy predates them: restoring it would drop their updates too
-                raise CinematicError(
-                    f"unmerge adapter {later[-1]!r} before {name!r} (merged after it into {layer_name})"
-                )
-            layer.weight.copy_(adapter.original)
-            adapter.original, adapter.merged = None, False
+    _layers_with(unet, name)
+    for merged in modifications.active(unet, "lora_merge"):
+        if merged.detail == name:
+            modifications.undo(unet, merged)
 
 
 def remove(unet: nn.Module, name: str = DEFAULT_NAME) -> None:
     """Unmerge and drop adapter ``name``; the model is exactly as before it was attached."""
-    unmerge(unet, name)
-    for layer in _layers_with(unet, name).values():
-        del getattr(layer, ADAPTERS)[name]
+    _layers_with(unet, name)
+    for attached in modifications.active(unet, "lora"):
+        if attached.detail == name:
+            modifications.undo(unet, attached)
 
 
 def set_scale(unet: nn.Module, name: str, scale: float) -> None:
@@ -241,7 +278,7 @@ def add_lora(unet: nn.Module, config: LoRAConfig, name: str = DEFAULT_NAME) -> d
     if not layers:
         raise CinematicError(f"this UNet has no {config.targets} attention layers to adapt")
     alpha = config.alpha if config.alpha is not None else float(config.rank)
-    return attach(layers, dict.fromkeys(layers, config.rank), dict.fromkeys(layers, alpha), name)
+    return attach(unet, layers, dict.fromkeys(layers, config.rank), dict.fromkeys(layers, alpha), name)
 
 
 def load_adapter(
@@ -270,7 +307,7 @@ def load_adapter(
             )
     ranks = {layer: down.shape[0] for layer, (down, _, _) in state.items()}
     alphas = {layer: alpha for layer, (_, _, alpha) in state.items()}
-    adapters = attach(layers, ranks, alphas, name, check_scale(scale))
+    adapters = attach(unet, layers, ranks, alphas, name, check_scale(scale))
     with torch.no_grad():
         for layer_name, (down, up, _) in state.items():
             adapters[layer_name].down.weight.copy_(down)
