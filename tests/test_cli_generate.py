@@ -92,7 +92,7 @@ def test_bad_input_one_line_exit_2_no_file(model, tmp_path, capsys, case):
 
 def test_empty_prompt(model, tmp_path, capsys):
     assert main(["generate", "  ", "--model", model, "-o", str(tmp_path / "x.mp4")]) == 2
-    assert "prompt is empty" in capsys.readouterr().err
+    assert "prompt: is blank" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

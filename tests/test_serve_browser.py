@@ -58,7 +58,7 @@ def test_page_generates_and_plays_a_video(tmp_path):
                 page.goto(f"{server.url}/")
                 page.wait_for_selector("select[name=sampler] option", state="attached")  # it has read /healthz
                 page.fill("textarea[name=prompt]", "a blue square moving up")
-                page.fill("input[name=steps]", str(STEPS))
+                page.fill("input[name=num_inference_steps]", str(STEPS))
                 page.fill("input[name=seed]", "5")
                 page.click("#generate")
 
@@ -94,7 +94,7 @@ def test_page_generates_and_plays_a_video(tmp_path):
                 page.set_input_files("input[name=init_image]", str(_picture(tmp_path / "still.png")))
                 page.check("input[name=loop]")
                 page.check("input[name=freeu]")
-                page.fill("input[name=steps]", "4")
+                page.fill("input[name=num_inference_steps]", "4")
                 page.click("#generate")
                 page.wait_for_function("() => document.querySelectorAll('.job').length === 2")
                 newest = page.locator(".job").first

@@ -105,7 +105,7 @@ def test_init_image_animates_the_picture(tmp_path, picture_file):
 def test_bad_uploads_are_422_and_leave_no_file(tmp_path, clip_file):
     data = tmp_path / "data"
     with running(data, limits=Limits(max_upload=4000)) as client:
-        assert "init_video only" in rejected(client, {"prompt": "a", "strength": 0.5}, "strength")
+        assert "init video only" in rejected(client, {"prompt": "a", "strength": 0.5}, "strength")
         assert "not valid base64" in rejected(client, {"prompt": "a", "init_video": "%%%"}, "init_video")
         junk = base64.b64encode(b"not a video at all" * 10).decode()
         assert "cannot read" in rejected(client, {"prompt": "a", "init_video": junk}, "init_video")
@@ -173,6 +173,7 @@ def test_uploads_no_job_refers_to_are_swept_at_start(tmp_path):
     removes it, and keeps the uploads of the jobs it still holds."""
     from cinematic.serve.files import Inputs
     from cinematic.serve.store import Params, Store
+    from cinematic.settings import Settings
 
     store, inputs = Store(tmp_path), Inputs(tmp_path / "uploads")
     kept, orphan = inputs.save(b"a clip"), inputs.save(b"another clip")
@@ -180,8 +181,8 @@ def test_uploads_no_job_refers_to_are_swept_at_start(tmp_path):
     half_written.write_bytes(b"half")
     other = inputs.folder / "notes.txt"  # not ours to remove
     other.write_text("x")
-    params = Params("", None, "shapes", 16, 32, 32, 10, 9.0, 1, "ddim", 8.0, prompt_schedule="0: a red circle",
-                    init_video=kept, strength=0.6)  # fmt: skip
+    settings = Settings(prompt_schedule="0: a red circle", num_inference_steps=10, seed=1, strength=0.6)
+    params = Params(settings, "shapes", init_video=kept)
     store.add(params, max_queue=10)
     try:
         assert store.upload_names() == {kept}

@@ -16,6 +16,7 @@ from cinematic import video  # noqa: E402
 from cinematic.pipeline import Pipeline  # noqa: E402
 from cinematic.serve.files import Files  # noqa: E402
 from cinematic.serve.store import Params, Store  # noqa: E402
+from cinematic.settings import ModelFacts, Settings  # noqa: E402
 from tests.serve_helpers import ServerProcess, wait_for, wait_status  # noqa: E402
 
 JOBS = [
@@ -94,7 +95,9 @@ def test_kill_9_during_a_generation_loses_nothing(tmp_path):
 
 
 def params(seed: int = 1) -> Params:
-    return Params("a cat", None, "shapes", 2, 32, 32, 2, 9.0, seed, "ddim", 8.0)
+    settings = Settings(prompt="a cat", num_frames=2, height=32, width=32, num_inference_steps=2, seed=seed)
+    shapes = ModelFacts(num_frames=16, height=32, width=32, fps=8, max_steps=1000, levels=2)
+    return Params(settings.resolve(shapes), "shapes")
 
 
 def test_a_file_renamed_into_place_before_the_commit_is_made_again(tmp_path):

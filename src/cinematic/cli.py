@@ -167,7 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_generate_parser(commands)
 
+    from cinematic.train.cli import add_train_parser
+
+    add_train_parser(commands)
+
+    from cinematic.eval.cli import add_eval_parser
+
+    add_eval_parser(commands)
+
+    from cinematic.serve.cli import add_serve_parser
+
+    add_serve_parser(commands)
+
+    info = commands.add_parser("info", help="describe a model: format, parameters, dtypes and file sizes")
+    info.add_argument("model", help="a model folder (any layout), a bundled model name, or a hub id")
+    info.set_defaults(run=cmd_info)
+
+    convert = commands.add_parser("convert", help="write any supported model in cinematic's fast format")
+    convert.add_argument("src", help="a model folder (any layout) or a hub id")
+    convert.add_argument("dst", help="a new (or empty) folder to write")
+    convert.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
+    convert.add_argument("--tokenizer", help="a folder with vocab.json and merges.txt, for ModelScope folders")
+    convert.set_defaults(run=cmd_convert)
+    return parser
+
+
+def _add_generate_parser(commands: Any) -> None:
+    """``cinematic generate``: the prompt, every setting of the table, and how the run goes."""
     gen = commands.add_parser("generate", help="generate a video from a text prompt")
     gen.add_argument("prompt", nargs="?", help=spec("prompt").help)
     gen.add_argument("-o", "--output", help="output file: .mp4 (default), .webm, .gif, .webp, or a folder for PNGs")
@@ -213,30 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora-merge", action="store_true", help="fold the LoRA adapters into the weights (faster)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.set_defaults(run=cmd_generate)
-
-    from cinematic.train.cli import add_train_parser
-
-    add_train_parser(commands)
-
-    from cinematic.eval.cli import add_eval_parser
-
-    add_eval_parser(commands)
-
-    from cinematic.serve.cli import add_serve_parser
-
-    add_serve_parser(commands)
-
-    info = commands.add_parser("info", help="describe a model: format, parameters, dtypes and file sizes")
-    info.add_argument("model", help="a model folder (any layout), a bundled model name, or a hub id")
-    info.set_defaults(run=cmd_info)
-
-    convert = commands.add_parser("convert", help="write any supported model in cinematic's fast format")
-    convert.add_argument("src", help="a model folder (any layout) or a hub id")
-    convert.add_argument("dst", help="a new (or empty) folder to write")
-    convert.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored precision (default fp16)")
-    convert.add_argument("--tokenizer", help="a folder with vocab.json and merges.txt, for ModelScope folders")
-    convert.set_defaults(run=cmd_convert)
-    return parser
 
 
 def _version() -> str:

@@ -33,7 +33,7 @@ from cinematic.models.freeu import FREEU_VIDEO, freeu
 from cinematic.models.layers import chunked_feed_forward
 from cinematic.models.modifications import graph_safe
 from cinematic.progress import Progress
-from cinematic.settings import ModelFacts, SettingError, Settings, settings_from, with_old_names
+from cinematic.settings import ModelFacts, SettingError, Settings, check, settings_from, with_old_names
 from cinematic.video import write as write_video
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -180,6 +180,8 @@ class Pipeline:
         if isinstance(num_videos, bool) or not isinstance(num_videos, int) or not 1 <= num_videos <= 64:
             raise SettingError("num_videos", f"must be an integer from 1 to 64, not {num_videos!r}")
         video = pictures.video if pictures is not None else None
+        for other in prompts[1:]:
+            check("prompt", other)
         given = settings_from({"prompt": prompts[0], **settings})
         resolved = given.resolve(self.facts, None if video is None else len(video), restyling=video is not None)
         seeds = video_seeds(resolved.seed, len(prompts) * num_videos, same_seed)

@@ -237,9 +237,11 @@ def check(name: str, value: Any, high: float | None = None) -> Any:
         ok = math.isfinite(value) and (s.low is None or value >= s.low) and (top is None or value <= top)
         ok = ok and not (s.multiple_of and value % s.multiple_of)
     if ok and k is str:
-        ok = bool(value.strip()) and (s.choices is None or value in s.choices)
+        ok = (bool(value.strip()) or not s.nonblank) and (s.choices is None or value in s.choices)
+        ok = ok and (s.max_length is None or len(value) <= s.max_length)
     if not ok:
-        raise SettingError(name, f"must be {s.allowed(k, high)}, not {value!r}")
+        shown = value if not isinstance(value, str) or len(value) < 80 else f"{value[:40]}... ({len(value)} characters)"
+        raise SettingError(name, f"must be {s.allowed(k, high=high)}, not {shown!r}")
     return value
 
 
@@ -342,6 +344,8 @@ def add_arguments(parser: Any, names: Sequence[str] | None = None) -> None:
         shown = f"{default:g}" if isinstance(default, float) else str(default)
         text = s.help + bounds + ("" if default is None or k is bool else f" (default {shown})")
         aliases = tuple(flag(old) for old in s.aliases)
+        if aliases:
+            text += f" [{', '.join(aliases)}: deprecated]"
         action = type("Flag", (_Flag,), {"deprecated": aliases})
         extra: dict[str, Any] = {"nargs": 0} if k is bool else {"type": k, "metavar": s.metavar}
         parser.add_argument(flag(name), *aliases, dest=name, action=action, default=None, help=text, **extra)

@@ -40,7 +40,7 @@ from cinematic.serve.schemas import (
 from cinematic.serve.service import ModelInfo, Service
 from cinematic.serve.settings import Limits, Settings
 from cinematic.serve.store import ID_PATTERN, Job, Params, QueueFull
-from cinematic.settings import ALIASES, SPECS, ModelFacts, SettingError, canonical, with_old_names
+from cinematic.settings import ALIASES, SIZE_MULTIPLE, SPECS, ModelFacts, SettingError, canonical, with_old_names
 from cinematic.settings import Settings as VideoSettings
 
 STATIC = Path(__file__).parent / "static"
@@ -219,6 +219,7 @@ def _view(service: Service, job: Job) -> dict[str, Any]:
         "completed_at": job.completed_at,
         "error": {"code": "generation_failed", "message": job.error} if job.error else None,
         **with_old_names(values),
+        "prompt": "" if s.prompt is None else s.prompt,  # "" beside a prompt_schedule, as the first API had it
         "model": p.model,
         "size": f"{s.width}x{s.height}",
         "seconds": f"{s.num_frames / s.fps:g}",
@@ -232,7 +233,7 @@ def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Pa
     """A validated request with every default filled in; the seed is drawn here, once, and stored with the job.
     Uploads are checked (they must decode) and saved; the caller removes them if the job is not queued."""
     _check_loras(body, service)
-    given = _given_settings(body)
+    given = _given_settings(body, setting_bounds(limits, model.facts))
     uploads: dict[str, str] = {}
     try:
         for field in ("init_video", "init_image"):
@@ -244,7 +245,7 @@ def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Pa
         try:
             request = service.workers[0].pipeline.validate(pictures=pictures, **given)
         except SettingError as error:
-            raise ApiError(422, str(error), "invalid_value", param=error.field) from None
+            raise ApiError(422, str(error), "invalid_value", param=_param(error.field, body)) from None
         loras = tuple((lora.name, float(lora.scale)) for lora in body.loras or ())
         files = {"init_video": uploads.get("init_video"), "init_image": uploads.get("init_image"), "loras": loras}
         return Params(request.settings, model.name, **files)
@@ -253,8 +254,9 @@ def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Pa
         raise
 
 
-def _given_settings(body: Any) -> dict[str, Any]:
-    """The settings the request names, by their names (old names and OpenAI's ``size`` accepted)."""
+def _given_settings(body: Any, bounds: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """The settings the request names, by their names (old names and OpenAI's ``size`` accepted, the latter
+    checked against this server's bounds here, as pydantic checks the others)."""
     given = {name: getattr(body, name) for name in (*SPECS, *ALIASES) if getattr(body, name) is not None}
     try:
         given = canonical(given, "field")
@@ -264,7 +266,19 @@ def _given_settings(body: Any) -> dict[str, Any]:
         if "width" in given or "height" in given:
             raise ApiError(422, "size: give size or width and height, not both", "invalid_value", param="size")
         given["width"], given["height"] = parse_size(body.size)
+        for name in ("width", "height"):
+            low, high = bounds[name]
+            if not low <= given[name] <= high or given[name] % SIZE_MULTIPLE:
+                message = (
+                    f"size: each side must be a multiple of {SIZE_MULTIPLE} from {low} to {high}, not {body.size!r}"
+                )
+                raise ApiError(422, message, "invalid_value", param="size")
     return given
+
+
+def _param(field: str, body: Any) -> str:
+    """The request field an error is about: ``size`` when the client gave the size that way."""
+    return "size" if field in ("width", "height") and body.size is not None else field
 
 
 def _check_loras(body: Any, service: Service) -> None:

@@ -55,8 +55,9 @@ def setting_bounds(limits: Limits, model: ModelFacts) -> dict[str, tuple[float |
     return bounds
 
 
-def _setting_field(name: str, bounds: dict, limits: Limits) -> tuple[Any, Any]:
-    """The request field of one setting: its type, bounds and help from the table."""
+def _setting_field(name: str, bounds: dict, limits: Limits, old: bool = False) -> tuple[Any, Any]:
+    """The request field of one setting: its type, bounds and help from the table (``old``: under a deprecated
+    name)."""
     s, k = spec(name), kind(name)
     annotation: Any = Literal[s.choices] if s.choices else TYPES[k]
     extra: dict[str, Any] = {}
@@ -69,6 +70,8 @@ def _setting_field(name: str, bounds: dict, limits: Limits) -> tuple[Any, Any]:
         cap = limits.max_prompt * (4 if name == "prompt_schedule" else 1)
         extra["max_length"] = min(cap, s.max_length) if s.max_length else cap
         extra["min_length"] = 1 if s.nonblank else 0
+    if old:
+        return annotation | None, Field(default=None, description=f"Deprecated: use {name}.", deprecated=True, **extra)
     return annotation | None, Field(default=None, description=s.help, **extra)
 
 
@@ -79,10 +82,7 @@ def request_model(limits: Limits, model: str, facts: ModelFacts) -> type[BaseMod
     fields: dict[str, Any] = {name: _setting_field(name, bounds, limits) for name in SPECS}
     for name, s in SPECS.items():
         for old in s.aliases:
-            annotation, info = _setting_field(name, bounds, limits)
-            info.description = f"Deprecated: use {name}."
-            info.deprecated = True
-            fields[old] = (annotation, info)
+            fields[old] = _setting_field(name, bounds, limits, old=True)
     upload = {"min_length": 1, "max_length": base64_length(limits.max_upload)}
     megabytes = f"{limits.max_upload / 2**20:g} MiB"
     fields.update(

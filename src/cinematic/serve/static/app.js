@@ -43,8 +43,8 @@ async function fileUrl(id, variant) {
 }
 
 function settingsText(job) {
-  const parts = [`seed ${job.seed}`, job.size, `${job.frames} frames at ${job.fps} fps`, `${job.steps} steps`,
-    `guidance ${job.guidance}`, job.sampler];
+  const parts = [`seed ${job.seed}`, job.size, `${job.num_frames} frames at ${job.fps} fps`, `${job.num_inference_steps} steps`,
+    `guidance ${job.guidance_scale}`, job.sampler];
   if (job.negative_prompt) parts.push(`not: ${job.negative_prompt}`);
   if (job.init_video) parts.push(`from a video, strength ${job.strength}`);
   if (job.init_image) parts.push("from a picture");
@@ -150,8 +150,8 @@ async function loadPage() {
   $("#more").hidden = !page.has_more;
 }
 
-const INTEGERS = new Set(["frames", "steps", "seed", "window", "window_stride", "freeinit"]);
-const NUMBERS = new Set(["guidance", "strength"]);
+const INTEGERS = new Set(["num_frames", "num_inference_steps", "seed", "window", "window_stride", "freeinit"]);
+const NUMBERS = new Set(["guidance_scale", "strength"]);
 const CHECKS = new Set(["loop", "freeu"]);
 
 // A picked file as a data: URL, which the server takes in place of base64.
@@ -218,12 +218,12 @@ async function start() {
   const health = await (await fetch("/healthz")).json();
   const d = health.defaults;
   const form = $("#create");
-  form.frames.placeholder = d.frames;
-  form.frames.max = health.limits.max_frames;
+  form.num_frames.placeholder = d.num_frames;
+  form.num_frames.max = health.limits.max_frames;
   form.size.placeholder = d.size;
-  form.steps.placeholder = d.steps;
-  form.steps.max = health.limits.max_steps;
-  form.guidance.placeholder = d.guidance;
+  form.num_inference_steps.placeholder = d.num_inference_steps;
+  form.num_inference_steps.max = health.limits.max_steps;
+  form.guidance_scale.placeholder = d.guidance_scale;
   form.prompt.maxLength = health.limits.max_prompt;
   for (const name of health.samplers) form.sampler.add(new Option(name, name, false, name === d.sampler));
   for (const name of health.loras || []) form.lora.add(new Option(name, name));
