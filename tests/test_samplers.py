@@ -341,9 +341,10 @@ def test_schedule_config_checks_its_options():
     with pytest.raises(CinematicError, match="zero terminal SNR schedule needs prediction_type 'v_prediction'"):
         ScheduleConfig(zero_terminal_snr=True)
     with pytest.raises(
-        CinematicError, match="timestep spacing 'leading' is not supported; allowed: 'default', 'trailing'"
+        CinematicError,
+        match="timestep spacing 'karras' is not supported; allowed: 'default', 'leading', 'linspace', 'trailing'",
     ):
-        ScheduleConfig(timestep_spacing="leading")
+        ScheduleConfig(timestep_spacing="karras")
 
 
 @pytest.mark.parametrize(("name", "cls", "overrides", "steps", "step_kwargs"), TRAJECTORIES)

@@ -244,6 +244,7 @@ class Pipeline:
                 start=start.start, wrap=None if pin is None else pin.wrap,
                 prediction=self.model.config.schedule.prediction_type,
                 spacing=self.model.config.schedule.timestep_spacing,
+                steps_offset=self.model.config.schedule.steps_offset,
             )  # fmt: skip
             return latents if pin is None else pin.finish(latents)
 

@@ -174,7 +174,7 @@ class SamplerSpec:
     """
 
     fn: Sampler
-    sigmas: Callable[[Tensor, int, str], Tensor]
+    sigmas: Callable[[Tensor, int, str, int], Tensor]
     noise_is_vp: bool
     interpolation: str = "log"
     quantize: bool = True
@@ -215,6 +215,7 @@ def sample(
     wrap: Callable[[Callable[[Tensor, Tensor], Tensor]], Callable[[Tensor, Tensor], Tensor]] | None = None,
     prediction: str = "epsilon",
     spacing: str = "default",
+    steps_offset: int = 1,
 ) -> Tensor:
     """Denoise ``noise`` with the named sampler in ``steps`` network evaluations; return the VP latent to decode.
 
@@ -228,20 +229,23 @@ def sample(
     ``init`` (video-to-video, see :mod:`cinematic.generation.pictures`): a clean latent; sampling then skips the grid's
     first ``start`` steps and begins from ``init + sigma * noise``, diffusers' ``add_noise`` in VE form. ``wrap``
     wraps the denoiser (pinned frames). ``prediction`` is the model's ``prediction_type``: ``eps_model`` returns ε
-    (``"epsilon"``) or v (``"v_prediction"``). ``spacing`` is the model's ``timestep_spacing``.
+    (``"epsilon"``) or v (``"v_prediction"``). ``spacing`` and ``steps_offset`` are the model's
+    ``timestep_spacing`` and ``steps_offset`` (:mod:`cinematic.diffusion.schedule`).
     """
     spec = get_sampler(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= schedule.NUM_TRAIN_TIMESTEPS:
         raise CinematicError(f"steps must be an integer from 1 to {schedule.NUM_TRAIN_TIMESTEPS}, not {steps!r}")
     alpha_bar = schedule.alpha_bar_scaled_linear() if alpha_bar is None else alpha_bar.to("cpu", torch.float64)
-    sigmas = spec.sigmas(alpha_bar, steps, spacing)[start:]
+    sigmas = spec.sigmas(alpha_bar, steps, spacing, steps_offset)[start:]
     denoiser = DiscreteDenoiser(eps_model, alpha_bar, spec.interpolation, spec.quantize, prediction)
     denoiser = denoiser if wrap is None else wrap(denoiser)
     sigma_max, sigma_min = sigmas[0].item(), sigmas[-1].item()
     if init is not None:
         x = init + sigma_max * noise
     else:
-        x = noise * (math.sqrt(1 + sigma_max**2) if spec.noise_is_vp else sigma_max)
+        # diffusers' Euler schedulers start from the VP latent too under "leading" spacing (their init_noise_sigma).
+        vp = spec.noise_is_vp or spacing == "leading"
+        x = noise * (math.sqrt(1 + sigma_max**2) if vp else sigma_max)
     eta = spec.default_eta if eta is None else float(eta)
     x = spec.fn(denoiser, x, sigmas, eta=eta, generator=generator, callback=callback)
     return x * (1 + sigma_min**2) ** -0.5

@@ -66,16 +66,27 @@ def linspace64(start: float, stop: float, n: int) -> Tensor:
     return out
 
 
-# --- timestep spacings (descending), one per diffusers scheduler as built from the published config -------------
+# --- timestep spacings (descending), as each diffusers scheduler builds them ------------------------------------
+# A scheduler config's ``timestep_spacing`` picks one of three families; the published configs name none, and then
+# each scheduler uses its own default ("default" here): DDIM "leading", DPM-Solver and Euler "linspace". The
+# families differ between schedulers in detail (DPM-Solver spaces ``steps + 1`` points and drops the last), so each
+# sampler has its own function. ``offset`` is the config's ``steps_offset``, used by "leading" spacing only.
+
+SPACINGS = ("default", "leading", "linspace", "trailing")
 
 
-def ddim_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, offset: int = 1) -> Tensor:
-    """DDIM "leading" spacing with ``steps_offset=1``: ``k * (num_train // steps) + 1`` for ``k = steps-1 .. 0``.
-
-    For 50 steps: 981, 961, ..., 21, 1. Always exactly ``steps`` values, also when ``steps`` does not divide
-    ``num_train`` (ModelScope's own ``arange`` would then add a step). The clamp only bites at ``steps ==
-    num_train``, where diffusers would index past the table and ModelScope clamps as we do. Int64.
-    """
+def ddim_timesteps(
+    steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, offset: int = 1, spacing: str = "leading"
+) -> Tensor:
+    """DDIMScheduler's timesteps. "leading" (its default): ``k * (num_train // steps) + offset`` for ``k = steps-1 ..
+    0``, 981, 961, ..., 21, 1 for 50 steps; always exactly ``steps`` values, also when ``steps`` does not divide
+    ``num_train`` (ModelScope's own ``arange`` would then add a step); clamped to the table, which bites only at
+    ``steps == num_train``, where ModelScope clamps as we do. "linspace": ``steps`` points from ``num_train - 1`` to
+    0, rounded. "trailing": :func:`trailing_timesteps`. Int64."""
+    if spacing == "trailing":
+        return trailing_timesteps(steps, num_train)
+    if spacing == "linspace":
+        return linspace64(0.0, num_train - 1.0, steps).round().flip(0).to(torch.int64)
     stride = num_train // steps
     t = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * stride + offset
     return t.clamp(max=num_train - 1)
@@ -88,18 +99,33 @@ def trailing_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS) -> Tens
     return (num_train - torch.arange(steps, dtype=torch.float64) * (num_train / steps)).round().to(torch.int64) - 1
 
 
-def dpm_solver_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
-    """DPMSolverMultistepScheduler "linspace" spacing: ``steps + 1`` points from 0 to ``num_train - 1``, rounded,
-    largest first, the final 0 dropped (25 steps: 999, 959, ..., 40). The published config names no spacing, so
-    diffusers builds this scheduler with its default, and ``steps_offset`` is unused. Int64."""
+def dpm_solver_timesteps(
+    steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, offset: int = 1, spacing: str = "linspace"
+) -> Tensor:
+    """DPMSolverMultistepScheduler's timesteps. "linspace" (its default): ``steps + 1`` points from 0 to
+    ``num_train - 1``, rounded, largest first, the final 0 dropped (25 steps: 999, 959, ..., 40). "leading": ``k *
+    (num_train // (steps + 1)) + offset`` for ``k = steps .. 1``. "trailing": :func:`trailing_timesteps`. Int64."""
+    if spacing == "trailing":
+        return trailing_timesteps(steps, num_train)
+    if spacing == "leading":
+        stride = num_train // (steps + 1)
+        return torch.arange(steps, 0, -1, dtype=torch.int64) * stride + offset
     return linspace64(0.0, num_train - 1.0, steps + 1).round().flip(0)[:-1].to(torch.int64)
 
 
-def euler_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
-    """EulerDiscreteScheduler "linspace" spacing: ``steps`` points from ``num_train - 1`` down to 0, not rounded
-    (25 steps: 999, 957.375, ..., 0). Float64 holding float32 values: diffusers keeps these timesteps in float32 and
-    interpolates its sigmas at the rounded values, so rounding alike keeps the grid within float32 storage error of
-    diffusers' (1.6e-7 relative otherwise) and gives the network exactly diffusers' t."""
+def euler_timesteps(
+    steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, offset: int = 1, spacing: str = "linspace"
+) -> Tensor:
+    """EulerDiscreteScheduler's timesteps. "linspace" (its default): ``steps`` points from ``num_train - 1`` down to
+    0, not rounded (25 steps: 999, 957.375, ..., 0), kept at float32 precision: diffusers keeps these timesteps in
+    float32 and interpolates its sigmas at the rounded values, so rounding alike keeps the grid within float32
+    storage error of diffusers' (1.6e-7 relative otherwise) and gives the network exactly diffusers' t. "leading":
+    ``k * (num_train // steps) + offset`` for ``k = steps-1 .. 0``. "trailing": :func:`trailing_timesteps`.
+    Float64."""
+    if spacing == "trailing":
+        return trailing_timesteps(steps, num_train).to(torch.float64)
+    if spacing == "leading":
+        return ddim_timesteps(steps, num_train, offset).to(torch.float64)
     return linspace64(0.0, num_train - 1.0, steps).flip(0).to(torch.float32).to(torch.float64)
 
 
@@ -149,36 +175,33 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 # --- the sigma grids the samplers walk: ``steps + 1`` values, the last one the level the result is returned at ---
 
 
-def ddim_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
-    """DDIM grid: sigma at the leading (or ``"trailing"``) timesteps, then sigma at t = 0, because the last step goes
-    to alpha_bar[0] and not to 1 (``set_alpha_to_one=False``; ModelScope's ``alpha_bar[max(t - stride, 0)]``)."""
+def ddim_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default", offset: int = 1) -> Tensor:
+    """DDIM grid: sigma at :func:`ddim_timesteps`, then sigma at t = 0, because the last step goes to alpha_bar[0]
+    and not to 1 (``set_alpha_to_one=False``; ModelScope's ``alpha_bar[max(t - stride, 0)]``)."""
     table = sigma_from_alpha_bar(alpha_bar)
-    t = trailing_timesteps(steps, len(alpha_bar)) if spacing == "trailing" else ddim_timesteps(steps, len(alpha_bar))
+    t = ddim_timesteps(steps, len(alpha_bar), offset, "leading" if spacing == "default" else spacing)
     return torch.cat([table[t], table[:1]])
 
 
-def dpm_solver_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
-    """DPM-Solver grid: sigma at :func:`dpm_solver_timesteps` (or the trailing ones), then 0
-    (``final_sigmas_type="zero"``)."""
+def dpm_solver_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default", offset: int = 1) -> Tensor:
+    """DPM-Solver grid: sigma at :func:`dpm_solver_timesteps`, then 0 (``final_sigmas_type="zero"``)."""
     table = sigma_from_alpha_bar(alpha_bar)
-    trailing = spacing == "trailing"
-    t = trailing_timesteps(steps, len(alpha_bar)) if trailing else dpm_solver_timesteps(steps, len(alpha_bar))
+    t = dpm_solver_timesteps(steps, len(alpha_bar), offset, "linspace" if spacing == "default" else spacing)
     return torch.cat([table[t], table.new_zeros(1)])
 
 
-def karras_dpm_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
+def karras_dpm_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default", offset: int = 1) -> Tensor:
     """Karras grid between the table's own extremes, sigma(t=0) and sigma(t=999), then 0. The network is fed the
     rounded log-interpolated timestep of each level (:func:`sigma_to_t` with ``quantize=True``), as diffusers does,
-    while the solver uses the exact Karras sigma. ``spacing`` does not apply: the grid spans the whole table."""
+    while the solver uses the exact Karras sigma. ``spacing`` and ``offset`` do not apply: the grid spans the whole
+    table."""
     table = sigma_from_alpha_bar(alpha_bar)
     sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def euler_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default") -> Tensor:
-    """Euler grid: sigma linearly interpolated at the fractional :func:`euler_timesteps` (or at the integer trailing
-    ones), then 0."""
-    trailing = spacing == "trailing"
-    t = trailing_timesteps(steps, len(alpha_bar)) if trailing else euler_timesteps(steps, len(alpha_bar))
+def euler_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default", offset: int = 1) -> Tensor:
+    """Euler grid: sigma linearly interpolated at :func:`euler_timesteps`, then 0."""
+    t = euler_timesteps(steps, len(alpha_bar), offset, "linspace" if spacing == "default" else spacing)
     sigmas = sigma_at(t, alpha_bar)
     return torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-TIMESTEP_SPACINGS = ("default", "trailing")
+TIMESTEP_SPACINGS = ("default", "leading", "linspace", "trailing")  # cinematic.diffusion.schedule.SPACINGS
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ class ScheduleConfig:
     ``zero_terminal_snr`` rescales the betas so that the last step holds no signal at all (Lin et al. 2024,
     "Common Diffusion Noise Schedules and Sample Steps are Flawed"; diffusers' ``rescale_betas_zero_snr``); it needs
     v-prediction, and ``timestep_spacing="trailing"`` so that sampling starts at that step. ``"default"`` spacing is
-    each sampler's own, as diffusers builds it from the published configs."""
+    each sampler's own, as diffusers builds it from the published configs, which name none; a config that names
+    ``"leading"``, ``"linspace"`` or ``"trailing"`` is sampled with it by every sampler, as diffusers does with that
+    config. ``steps_offset`` shifts "leading" timesteps (the published configs' 1)."""
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -41,6 +43,7 @@ class ScheduleConfig:
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     timestep_spacing: str = "default"
+    steps_offset: int = 1
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:

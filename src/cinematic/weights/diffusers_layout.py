@@ -65,7 +65,7 @@ _SCHEDULE_FIXED = {
     "trained_betas": None,
 }
 _SCHEDULE_IGNORED = {
-    "_class_name", "_diffusers_version", "set_alpha_to_one", "steps_offset", "skip_prk_steps",
+    "_class_name", "_diffusers_version", "set_alpha_to_one", "skip_prk_steps",
     "clip_sample_range", "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "solver_type",
     "algorithm_type", "lower_order_final", "use_karras_sigmas", "interpolation_type", "final_sigmas_type",
     "euler_at_final", "variance_type", "lambda_min_clipped", "use_lu_lambdas", "use_exponential_sigmas",
@@ -152,8 +152,9 @@ def parse_vae_config(config: dict[str, Any], where: Path) -> VAEConfig:
 
 
 def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig:
-    """The training schedule of a diffusers scheduler config. Its ``timestep_spacing`` counts only when it is
-    ``"trailing"``; any other value keeps each sampler's own spacing, as the published configs are run."""
+    """The training schedule of a diffusers scheduler config, with the spacing and offset of its timesteps: a
+    config that names no ``timestep_spacing`` (the published ones) keeps each sampler's own, as diffusers builds
+    each scheduler class with its own default then; ``steps_offset`` defaults to diffusers' 0."""
     used = {
         "beta_start",
         "beta_end",
@@ -161,6 +162,7 @@ def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig
         "prediction_type",
         "rescale_betas_zero_snr",
         "timestep_spacing",
+        "steps_offset",
     }
     _check_keys(config, used, _SCHEDULE_FIXED, _SCHEDULE_IGNORED, where)
     return ScheduleConfig(
@@ -169,7 +171,8 @@ def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig
         num_train_timesteps=config.get("num_train_timesteps", 1000),
         prediction_type=config.get("prediction_type", "epsilon"),
         zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
-        timestep_spacing="trailing" if config.get("timestep_spacing") == "trailing" else "default",
+        timestep_spacing=config.get("timestep_spacing") or "default",
+        steps_offset=config.get("steps_offset", 0),
     )
 
 
