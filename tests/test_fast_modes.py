@@ -266,7 +266,7 @@ def test_casts_go_to_one_arena_and_survive_the_layer_that_reads_them(unet):
 
 
 def test_pipeline_fp16_storage_equals_fp32_from_fp16_files(fp16_folder):
-    fp32 = Pipeline.from_pretrained(fp16_folder, variant="fp16")
+    fp32 = Pipeline.from_pretrained(fp16_folder, variant="fp16", dtype=torch.float32)
     lean = Pipeline.from_pretrained(fp16_folder, variant="fp16", dtype=torch.float16, compute_dtype=torch.float32)
     assert lean.dtype == torch.float32
     for network in ("unet", "text_encoder", "vae"):

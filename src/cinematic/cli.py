@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -122,12 +123,18 @@ def _load_pipeline(args: argparse.Namespace, device: str, loras: list[tuple[str,
 
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # process-wide, this command's to make: the steps reuse the heap (cinematic.allocator)
-    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    return Pipeline.from_pretrained(
-        args.model, device=device, dtype=getattr(torch, DTYPES[dtype]), tokenizer=args.tokenizer,
-        compute_dtype=getattr(torch, DTYPES[args.compute or dtype]), int8=args.int8, winograd=not args.no_winograd,
-        loras=loras, merge_loras=args.lora_merge, compile=args.compile, cuda_graphs=args.cuda_graphs,
+    dtype, compute = (getattr(torch, DTYPES[d]) if d else None for d in (args.dtype, args.compute))
+    pipe = Pipeline.from_pretrained(
+        args.model, device=device, dtype=dtype, tokenizer=args.tokenizer, compute_dtype=compute, int8=args.int8,
+        winograd=not args.no_winograd, loras=loras, merge_loras=args.lora_merge, compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
+    # One video and done: the text encoder is not needed after the prompts, unless asked to stay.
+    free = not args.keep_text_encoder
+    batched = args.batched_guidance or pipe.memory.batched_guidance
+    pipe.memory = replace(pipe.memory, free_text_encoder=free, batched_guidance=batched)
+    pipe.check_memory = not args.no_memory_check
+    return pipe
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -205,15 +212,27 @@ def _add_generate_parser(commands: Any) -> None:
     add_arguments(settings)
     run = gen.add_argument_group("how it runs (never what it makes, but for --int8 and --compute fp16/bf16)")
     run.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
-    run.add_argument("--dtype", choices=sorted(DTYPES), help="weights precision (default: fp32 on CPU, fp16 on GPU)")
     run.add_argument(
-        "--compute", choices=sorted(DTYPES), help="arithmetic precision (default: --dtype); --dtype fp16 --compute "
-        "fp32 keeps half-size weights and computes in fp32, for CPUs without fast half precision",
+        "--dtype", choices=sorted(DTYPES),
+        help="weights precision (default: on a CPU, the files' own when half precision, else fp32; fp16 on a GPU)",
+    )  # fmt: skip
+    run.add_argument(
+        "--compute", choices=sorted(DTYPES), help="arithmetic precision (default: fp32 on a CPU, fp16 on a GPU; "
+        "--dtype's when --dtype is given)",
     )  # fmt: skip
     run.add_argument(
         "--low-memory", action="store_true",
         help="run the two guidance passes one after the other, free the text encoder once the prompt is encoded, "
-        "decode one frame at a time",
+        "decode one frame at a time, run the feed-forwards in pieces (chosen by itself when only it fits)",
+    )  # fmt: skip
+    run.add_argument(
+        "--batched-guidance", action="store_true",
+        help="run the two guidance passes as one batch (the GPU default; on a CPU it needs more memory, no faster)",
+    )  # fmt: skip
+    run.add_argument("--keep-text-encoder", action="store_true", help="do not free the text encoder after encoding")
+    run.add_argument(
+        "--no-memory-check", action="store_true",
+        help="run even when the estimate says the run will not fit in the memory that is free",
     )  # fmt: skip
     run.add_argument("--int8", action="store_true", help="int8 Linear layers in the UNet (CPU, fp32 compute)")
     run.add_argument(

@@ -8,6 +8,7 @@ themselves are declared once, in :class:`cinematic.settings.Settings`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,9 @@ from cinematic.diffusion.windows import window_starts
 from cinematic.errors import CinematicError
 from cinematic.generation.denoiser import UNetCall, video_eps
 from cinematic.generation.frames import decode_frames
-from cinematic.generation.loading import load_model, load_text_encoder
+from cinematic.generation.loading import default_dtypes, load_model, load_text_encoder
+from cinematic.generation.memory import Footprint, Memory
+from cinematic.generation.memory import fit as fit_memory
 from cinematic.generation.noise import initial_noise, video_seeds
 from cinematic.generation.pictures import PathOrFrames, Pictures, load_pictures, starting_point
 from cinematic.generation.prompts import encode_prompts, text_features
@@ -33,9 +36,10 @@ from cinematic.models.freeu import FREEU_VIDEO, freeu
 from cinematic.models.layers import chunked_feed_forward
 from cinematic.models.modifications import graph_safe
 from cinematic.progress import Progress
-from cinematic.settings import ModelFacts, SettingError, Settings, check, settings_from, with_old_names
+from cinematic.settings import ModelFacts, SettingError, Settings, check_prompts, settings_from, with_old_names
 from cinematic.video import write as write_video
 
+log = logging.getLogger("cinematic")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -83,23 +87,6 @@ class Request:
         return len(self.prompts) * self.num_videos
 
 
-@dataclass(frozen=True)
-class Memory:
-    """How a call spends memory; none of these changes the video. ``low()`` is ``low_memory=True``: the guidance
-    passes one after the other, the text encoder freed once the prompts are encoded (loaded again when next needed),
-    one frame per VAE call, and the UNet's feed-forwards 4096 tokens at a time (at 16 frames of 32x32 latents, a
-    step's largest live set 0.75 -> 0.50 GB, at the same speed)."""
-
-    batched_guidance: bool = True
-    free_text_encoder: bool = False
-    decode_chunk: int | None = None  # frames per VAE call; None: 1 on the CPU, 8 elsewhere
-    feed_forward_rows: int | None = None
-
-    @classmethod
-    def low(cls) -> Memory:
-        return cls(batched_guidance=False, free_text_encoder=True, decode_chunk=1, feed_forward_rows=4096)
-
-
 class Pipeline:
     """``Pipeline.from_pretrained(model)`` then ``pipe(prompt, **settings)`` -> :class:`Videos`."""
 
@@ -110,20 +97,32 @@ class Pipeline:
         self.reload_text_encoder: Callable[[], torch.nn.Module] | None = None  # set by from_pretrained
         self._fast_unet: Callable[..., torch.Tensor] | None = None  # compiled and/or recorded (accelerate)
         self._graphs: CUDAGraphs | None = None
+        # How calls spend memory unless they say (a one-shot caller such as the CLI also frees the text encoder),
+        # and whether a call that would not fit switches to Memory.low() or is refused before it starts.
+        self.memory = Memory.for_device(self.device)
+        self.check_memory = True
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path = "shapes", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        cls, model: str | Path = "shapes", device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
         tokenizer: str | Path | None = None, variant: str | None = None, compute_dtype: torch.dtype | None = None,
         int8: bool = False, loras: Sequence[tuple[str | Path, float]] = (), merge_loras: bool = False,
         winograd: bool = True, compile: str | None = None, cuda_graphs: bool = False,
     ) -> Pipeline:  # fmt: skip
         """Load any path, bundled name or hub id that :func:`cinematic.weights.load` takes. ``dtype``: what the
         weights are stored in; ``compute_dtype`` (default ``dtype``): what the networks compute in (fp16 storage with
-        fp32 compute halves the weights' memory on CPUs and, from fp16 files, gives the fp32 results). ``int8`` and
+        fp32 compute halves the weights' memory on CPUs and, from fp16 files, gives the fp32 results). Without
+        ``dtype``: :func:`cinematic.generation.loading.default_dtypes` (on a CPU, half-precision files stay half
+        precision and compute in fp32; on a GPU, fp16). ``int8`` and
         ``winograd``: see :func:`cinematic.generation.loading.load_model`; ``loras``: ``[(path, scale)]`` (see
         :meth:`load_lora`); ``compile`` and ``cuda_graphs``: see :meth:`accelerate`."""
-        device, compute_dtype = torch.device(device), compute_dtype or dtype
+        device = torch.device(device)
+        if dtype is None:
+            dtype, default_compute = default_dtypes(model, device, variant)
+            compute_dtype = compute_dtype or default_compute
+            if int8 or (loras and merge_loras):  # both change the weights themselves: stored as computed
+                dtype = compute_dtype
+        compute_dtype = compute_dtype or dtype
         loaded = load_model(model, device, dtype, compute_dtype, tokenizer, variant, int8, winograd)
         pipe = cls(loaded, device, compute_dtype)
         pipe.reload_text_encoder = lambda: load_text_encoder(model, device, dtype, compute_dtype, variant)
@@ -160,9 +159,7 @@ class Pipeline:
     @property
     def facts(self) -> ModelFacts:
         """What this model's settings default to and are bounded by."""
-        c = self.model.config
-        d = c.defaults
-        return ModelFacts(d.frames, d.height, d.width, d.fps, c.schedule.num_train_timesteps, len(c.unet.levels))
+        return ModelFacts.of(self.model.config)
 
     def validate(
         self, prompt: str | Sequence[str] | None = None, num_videos: int = 1, same_seed: bool = False,
@@ -170,18 +167,10 @@ class Pipeline:
     ) -> Request:  # fmt: skip
         """A :class:`Request` with every setting of :class:`~cinematic.settings.Settings` checked and resolved.
         ``same_seed``: every video starts from the noise of the seed itself, not seed + i."""
-        prompts = (prompt,) if isinstance(prompt, str) or prompt is None else tuple(prompt)
-        if not prompts or not all(isinstance(p, str) or p is None for p in prompts):
-            raise SettingError("prompt", "must be a string or a non-empty list of strings")
-        if settings.get("prompt_schedule") is not None and prompts == ("",):
-            prompts = (None,)  # the prompt is the schedule's
-        if len(prompts) > 1 and settings.get("prompt_schedule") is not None:
-            raise SettingError("prompt_schedule", "takes the place of one prompt; give one prompt, not a list")
+        prompts = check_prompts(prompt, settings.get("prompt_schedule"))
         if isinstance(num_videos, bool) or not isinstance(num_videos, int) or not 1 <= num_videos <= 64:
             raise SettingError("num_videos", f"must be an integer from 1 to 64, not {num_videos!r}")
         video = pictures.video if pictures is not None else None
-        for other in prompts[1:]:
-            check("prompt", other)
         given = settings_from({"prompt": prompts[0], **settings})
         resolved = given.resolve(self.facts, None if video is None else len(video), restyling=video is not None)
         seeds = video_seeds(resolved.seed, len(prompts) * num_videos, same_seed)
@@ -200,7 +189,7 @@ class Pipeline:
         :class:`Memory`): how memory is spent, never what is made."""
         pictures = load_pictures(init_video, init_image)
         request = self.validate(prompt, num_videos, same_seed, pictures, **settings)
-        memory = memory or (Memory.low() if low_memory else Memory())
+        memory = self.fit(request, memory or (Memory.low() if low_memory else None))
         with adapters.loras_applied(self.model.unet, loras):
             latents = self.sample(request, progress, callback=callback, pictures=pictures, memory=memory)
         frames = self.decode(latents, memory.decode_chunk)
@@ -257,6 +246,15 @@ class Pipeline:
                 bar.close()
             release_free_memory()
 
+    def fit(self, request: Request, memory: Memory | None = None) -> Memory:
+        """The memory plan of ``request``, checked against what is free: :func:`cinematic.generation.memory.fit`."""
+        if not self.check_memory:
+            return memory or self.memory
+        plan, note = fit_memory(Footprint.of(self), request.settings, request.count, memory, self.memory)
+        if note:
+            log.warning("note: %s", note)
+        return plan
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text features ``[N, L, D]`` (the text encoder is loaded again if it was freed)."""
         if self.model.text_encoder is None:
@@ -270,7 +268,7 @@ class Pipeline:
 
     def release_text_encoder(self) -> bool:
         """Free the text encoder's weights, if it can be loaded again (a pipeline made by :meth:`from_pretrained`)."""
-        if self.reload_text_encoder is None or self.model.text_encoder is None:
+        if self.reload_text_encoder is None or self.model.text_encoder is None:  # nothing to free, or no way back
             return False
         self.model.text_encoder = None
         release_free_memory()

@@ -99,6 +99,12 @@ class ModelFacts:
     max_steps: int  # the schedule's training timesteps: more sampling steps than that have no meaning
     levels: int  # UNet levels, the deepest cache_depth
 
+    @classmethod
+    def of(cls, config: Any) -> ModelFacts:
+        """The facts of a ``cinematic.models.components.ModelConfig``."""
+        d = config.defaults
+        return cls(d.frames, d.height, d.width, d.fps, config.schedule.num_train_timesteps, len(config.unet.levels))
+
     @property
     def min_size(self) -> int:
         return min(MIN_SIZE, self.height, self.width)
@@ -273,6 +279,20 @@ def _check_with_model(s: Settings, model: ModelFacts) -> None:
             parse_prompt_schedule(s.prompt_schedule, s.num_frames)
         except CinematicError as error:
             raise SettingError("prompt_schedule", str(error)) from None
+
+
+def check_prompts(prompt: Any, schedule: str | None) -> tuple[str | None, ...]:
+    """The prompts of a call (one, or a list made in one batch), checked; None when a schedule takes its place."""
+    prompts = (prompt,) if isinstance(prompt, str) or prompt is None else tuple(prompt)
+    if not prompts or not all(isinstance(p, str) or p is None for p in prompts):
+        raise SettingError("prompt", "must be a string or a non-empty list of strings")
+    if schedule is not None and prompts == ("",):
+        return (None,)  # "" beside a schedule, as the first API took it: the prompt is the schedule's
+    if len(prompts) > 1 and schedule is not None:
+        raise SettingError("prompt_schedule", "takes the place of one prompt; give one prompt, not a list")
+    for p in prompts[1:]:
+        check("prompt", p)
+    return prompts
 
 
 def random_seed() -> int:

@@ -11,7 +11,23 @@ from cinematic.models import winograd
 from cinematic.models.components import Model
 from cinematic.models.precision import compute_in, quantize_int8
 from cinematic.weights import build_networks, load, open_source
-from cinematic.weights.files import load_into
+from cinematic.weights.files import load_into, stored_dtype
+
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_dtypes(model: str | Path, device: torch.device, variant: str | None = None) -> tuple[torch.dtype, ...]:
+    """``(stored, computed)`` when the caller names neither. On a GPU, float16 both. On a CPU, the weights stay in
+    the precision of their files when those are half precision (half the memory, and from float16 files the same
+    video as a float32 load, since every weight is cast to float32 exactly where it is used), and the networks
+    compute in float32, which CPUs run fastest; float32 files stay float32. Only safetensors files are asked (their
+    header is read, nothing else): pickled ``.bin``/``.pth`` files load as float32, as before."""
+    if device.type != "cpu":
+        return torch.float16, torch.float16
+    path = open_source(model, variant=variant).files["unet"]
+    if not (path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")):
+        return torch.float32, torch.float32
+    return HALF.get(stored_dtype(path), torch.float32), torch.float32
 
 
 def load_model(
