@@ -8,6 +8,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from cinematic.errors import CinematicError
+from cinematic.models.checks import MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, boolean, integer, number
+
+# Input planes per caption-drawn layout plane (ShapesOptions.text_planes): the quadratic basis of unet3d.layout_basis.
+LAYOUT_BASIS = 9
+MAX_TEXT_PLANES = 64
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,10 @@ class UNetLevel:
 
     channels: int
     attention: bool
+
+    def __post_init__(self) -> None:
+        integer(self.channels, "unet.levels[].channels", 1, MAX_CHANNELS)
+        boolean(self.attention, "unet.levels[].attention")
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,9 @@ class ShapesOptions:
     text_planes: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.text_planes, bool) or not isinstance(self.text_planes, int) or self.text_planes < 0:
-            raise CinematicError(f"ShapesOptions: text_planes must be an integer >= 0, not {self.text_planes!r}")
+        for name in ("frame_positions", "coordinates", "temporal_context", "pooled_text"):
+            boolean(getattr(self, name), f"unet.shapes.{name}")
+        integer(self.text_planes, "unet.shapes.text_planes", 0, MAX_TEXT_PLANES)
 
 
 SHAPES_OPTION_NAMES = tuple(f.name for f in fields(ShapesOptions))
@@ -80,26 +90,33 @@ class UNet3DConfig:
     shapes: ShapesOptions | None = None
 
     def __post_init__(self) -> None:
-        if not self.levels:
-            raise CinematicError("UNet3DConfig: levels must not be empty")
-        if min(self.in_channels, self.out_channels, self.layers_per_block, self.head_dim, self.norm_groups) < 1:
-            raise CinematicError(
-                "UNet3DConfig: channel counts, layers_per_block, head_dim and norm_groups must be >= 1"
-            )
-        if self.cross_attention_dim < 1 or self.transformer_in_heads < 1:
-            raise CinematicError("UNet3DConfig: cross_attention_dim and transformer_in_heads must be >= 1")
+        if not isinstance(self.levels, list | tuple) or not 1 <= len(self.levels) <= MAX_LEVELS:
+            raise CinematicError(f"unet.levels must list 1 to {MAX_LEVELS} levels, got {self.levels!r:.40}")
+        object.__setattr__(self, "levels", tuple(self.levels))
+        for name in ("in_channels", "out_channels", "head_dim", "cross_attention_dim", "norm_groups"):
+            integer(getattr(self, name), f"unet.{name}", 1, MAX_CHANNELS)
+        integer(self.layers_per_block, "unet.layers_per_block", 1, MAX_LAYERS_PER_BLOCK)
+        integer(self.transformer_in_heads, "unet.transformer_in_heads", 1, MAX_CHANNELS)
+        number(self.norm_eps, "unet.norm_eps", 0, 1, open_low=True)
+        if self.shapes is not None and not isinstance(self.shapes, ShapesOptions):
+            raise CinematicError(f"unet.shapes must be a set of shapes options, got {self.shapes!r}")
         for i, level in enumerate(self.levels):
-            if level.channels < 1 or level.channels % self.norm_groups:
+            if not isinstance(level, UNetLevel):
+                raise CinematicError(f"unet.levels[{i}] must be a level (channels, attention), got {level!r}")
+            if level.channels % self.norm_groups:
                 raise CinematicError(
-                    f"UNet3DConfig: level {i} has {level.channels} channels, not a positive multiple of "
+                    f"unet.levels[{i}] has {level.channels} channels, not a positive multiple of "
                     f"norm_groups={self.norm_groups}"
                 )
             # The middle block always has attention, at the last level's width.
             needs_heads = level.attention or i == len(self.levels) - 1
             if needs_heads and level.channels % self.head_dim:
                 raise CinematicError(
-                    f"UNet3DConfig: level {i} has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
+                    f"unet.levels[{i}] has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
                 )
+        from cinematic.models.sizes import check_parameters, unet_parameters  # sizes.py imports this module
+
+        check_parameters("the UNet", unet_parameters(self))
 
     @property
     def options(self) -> ShapesOptions:

@@ -18,7 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cinematic.errors import CinematicError
+from cinematic.models.checks import MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, integer, integers, number
 from cinematic.models.layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from cinematic.models.sizes import check_parameters, vae_parameters
 
 # Every norm in the KL autoencoder uses eps 1e-6 (LDM's `Normalize`), unlike the UNet's 1e-5.
 NORM_EPS = 1e-6
@@ -40,21 +42,20 @@ class VAEConfig:
     scaling_factor: float = 0.18215
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise CinematicError(f"VAEConfig.{name} must be a positive integer, got {value!r}")
-        if not self.block_out_channels:
-            raise CinematicError("VAEConfig.block_out_channels must name at least one level")
+        if isinstance(self.block_out_channels, list):
+            object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_groups"):
+            integer(getattr(self, name), f"vae.{name}", 1, MAX_CHANNELS)
+        integer(self.layers_per_block, "vae.layers_per_block", 1, MAX_LAYERS_PER_BLOCK)
+        integers(self.block_out_channels, "vae.block_out_channels", 1, MAX_CHANNELS, MAX_LEVELS)
         for width in self.block_out_channels:
-            if not isinstance(width, int) or width < 1 or width % self.norm_groups:
+            if width % self.norm_groups:
                 raise CinematicError(
-                    f"VAEConfig.block_out_channels {self.block_out_channels} must be positive multiples of "
+                    f"vae.block_out_channels {self.block_out_channels} must be positive multiples of "
                     f"norm_groups={self.norm_groups}"
                 )
-        if not self.scaling_factor > 0:
-            raise CinematicError(f"VAEConfig.scaling_factor must be positive, got {self.scaling_factor!r}")
+        number(self.scaling_factor, "vae.scaling_factor", 0, 1e6, open_low=True)
+        check_parameters("the VAE", vae_parameters(self))
 
     @property
     def downsample_factor(self) -> int:
