@@ -185,6 +185,7 @@ CORRUPT = {
         _safetensors(b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": 1}', bytes(4)),
         "names a twice",
     ),  # fmt: skip
+    "key with a newline": (_safetensors({"a\nb": _entry("F32", [3], 0, 8)}, bytes(8)), "tensor 'a\\nb'"),
     "metadata not strings": (_safetensors({"__metadata__": {"x": 1}, **GOOD}, bytes(16)), "__metadata__"),
 }
 
@@ -428,6 +429,8 @@ def test_model_json_that_is_not_an_object(native_dir, tmp_path, capsys):
     _refused(capsys, folder, "model.json must hold a JSON object, not a list")
     (folder / "model.json").write_text("[" * 100_000)
     _refused(capsys, folder, "model.json is not valid JSON: nested too deeply")
+    os.truncate(folder / "model.json", 10**10)  # sparse: refused by its size, never read
+    _refused(capsys, folder, "model.json is over 100,000,000 bytes")
 
 
 # --- the parameter estimate ----------------------------------------------------------------------------------------
@@ -459,11 +462,7 @@ def test_parameter_estimate_is_exact(name):
     config = _variants()[name]
     networks = build_networks(config)  # on the meta device: no memory
     counted = {n: sum(p.numel() for p in network.parameters()) for n, network in networks.items()}
-    estimated = {
-        "unet": sizes.unet_parameters(config.unet),
-        "text_encoder": sizes.text_encoder_parameters(config.text_encoder),
-        "vae": sizes.vae_parameters(config.vae),
-    }
+    estimated = {name: getattr(config, name).parameter_count() for name in counted}
     assert estimated == counted
 
 

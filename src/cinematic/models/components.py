@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from cinematic.errors import CinematicError
 from cinematic.models.checks import boolean, integer, mapping, number
-from cinematic.models.sizes import MAX_PARAMETERS, text_encoder_parameters, unet_parameters, vae_parameters
+from cinematic.models.sizes import MAX_PARAMETERS
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig
 from cinematic.models.vae import VAEConfig
@@ -107,7 +107,7 @@ class ModelConfig:
         for name, kind in kinds.items():
             if not isinstance(getattr(self, name), kind):
                 raise CinematicError(f"ModelConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r:.40}")
-        total = unet_parameters(self.unet) + text_encoder_parameters(self.text_encoder) + vae_parameters(self.vae)
+        total = sum(c.parameter_count() for c in (self.unet, self.text_encoder, self.vae))
         if total > MAX_PARAMETERS:
             raise CinematicError(
                 f"the model would have {total:,} parameters, more than the {MAX_PARAMETERS:,} cinematic builds"

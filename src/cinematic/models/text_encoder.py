@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
 from cinematic.models.checks import MAX_CHANNELS, MAX_CONTEXT, MAX_TEXT_LAYERS, MAX_VOCAB, integer, number
 from cinematic.models.layers import LayerNorm, multi_head_attention
-from cinematic.models.sizes import check_parameters, text_encoder_parameters
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,15 @@ class TextEncoderConfig:
         if self.width % self.heads:
             raise CinematicError(f"text_encoder.width {self.width} is not divisible by heads {self.heads}")
         number(self.eps, "text_encoder.eps", 0, 1, open_low=True)
-        check_parameters("the text encoder", text_encoder_parameters(self))
+        sizes.check_parameters("the text encoder", self.parameter_count())
+
+    def parameter_count(self) -> int:
+        """The parameters :class:`TextEncoder` builds for this config, counted without building."""
+        width = self.width
+        layer = 2 * sizes.norm(width) + 4 * sizes.linear(width, width) + sizes.linear(width, self.mlp_width)
+        layer += sizes.linear(self.mlp_width, width)
+        embeddings = (self.vocab_size + self.context_length) * width
+        return embeddings + self.layers * layer + sizes.norm(width)
 
 
 TEXT_FULL = TextEncoderConfig()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
 from cinematic.models.checks import MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, boolean, integer, number
 
 # Input planes per caption-drawn layout plane (ShapesOptions.text_planes): the quadratic basis of unet3d.layout_basis.
@@ -114,9 +115,36 @@ class UNet3DConfig:
                 raise CinematicError(
                     f"unet.levels[{i}] has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
                 )
-        from cinematic.models.sizes import check_parameters, unet_parameters  # sizes.py imports this module
+        sizes.check_parameters("the UNet", self.parameter_count())
 
-        check_parameters("the UNet", unet_parameters(self))
+    def parameter_count(self) -> int:
+        """The parameters :class:`cinematic.models.unet3d.UNet3D` builds for this config, counted without building."""
+        widths = [level.channels for level in self.levels]
+        c0, temb, n = widths[0], self.time_embed_dim, len(widths)
+        total = (
+            sizes.conv(self.in_channels + self.coordinate_channels, c0, 9)
+            + sizes.linear(c0, temb)
+            + sizes.linear(temb, temb)
+        )
+        if self.options.pooled_text:
+            total += sizes.linear(self.cross_attention_dim, temb) + sizes.linear(temb, temb)
+        if self.options.text_planes:
+            total += sizes.linear(self.cross_attention_dim, self.options.text_planes * LAYOUT_BASIS)
+        total += sizes.transformer(c0, self.transformer_in_heads * self.head_dim, self.temporal_context_dim)
+        layers = self.layers_per_block
+        for i, level in enumerate(self.levels):  # encoder: UNet3D._down_blocks
+            in_chs = [widths[max(i - 1, 0)]] + [level.channels] * (layers - 1)
+            total += _unet_stack(self, in_chs, level.channels, layers if level.attention else 0)
+            total += sizes.conv(level.channels, level.channels, 9) if i < n - 1 else 0
+        total += _unet_stack(self, [widths[-1]] * 2, widths[-1], 1)  # the middle block
+        levels = list(reversed(self.levels))
+        for i, level in enumerate(levels):  # decoder: UNet3D._up_blocks
+            prev, shallower = levels[max(i - 1, 0)].channels, levels[min(i + 1, n - 1)].channels
+            skips = [level.channels] * layers + [shallower]
+            in_chs = [(prev if j == 0 else level.channels) + s for j, s in enumerate(skips)]
+            total += _unet_stack(self, in_chs, level.channels, len(in_chs) if level.attention else 0)
+            total += sizes.conv(level.channels, level.channels, 9) if i < n - 1 else 0
+        return total + sizes.norm(c0) + sizes.conv(c0, self.out_channels, 9)
 
     @property
     def options(self) -> ShapesOptions:
@@ -156,6 +184,17 @@ class UNet3DConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.levels[0].channels
+
+
+def _unet_stack(config: UNet3DConfig, in_chs: list[int], out_ch: int, attention_layers: int) -> int:
+    """unet3d_blocks._LayerStack: a resnet and a temporal conv per input, and the attention layers."""
+    temporal_conv = 4 * (sizes.norm(out_ch) + sizes.conv(out_ch, out_ch, 3))
+    total = sum(sizes.resnet(c, out_ch, config.time_embed_dim) + temporal_conv for c in in_chs)
+    heads = out_ch // config.head_dim
+    inner = heads * config.head_dim
+    spatial = sizes.transformer(out_ch, inner, config.cross_attention_dim)
+    temporal = sizes.transformer(out_ch, inner, config.temporal_context_dim)
+    return total + attention_layers * (spatial + temporal)
 
 
 NO_SHAPES_OPTIONS = ShapesOptions()

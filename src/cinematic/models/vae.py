@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
 from cinematic.models.checks import MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, integer, integers, number
 from cinematic.models.layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
-from cinematic.models.sizes import check_parameters, vae_parameters
 
 # Every norm in the KL autoencoder uses eps 1e-6 (LDM's `Normalize`), unlike the UNet's 1e-5.
 NORM_EPS = 1e-6
@@ -55,12 +55,40 @@ class VAEConfig:
                     f"norm_groups={self.norm_groups}"
                 )
         number(self.scaling_factor, "vae.scaling_factor", 0, 1e6, open_low=True)
-        check_parameters("the VAE", vae_parameters(self))
+        sizes.check_parameters("the VAE", self.parameter_count())
+
+    def parameter_count(self) -> int:
+        """The parameters :class:`VAE` builds for this config, counted without building."""
+        widths, latent, n = self.block_out_channels, self.latent_channels, len(self.block_out_channels)
+        total = sizes.conv(self.in_channels, widths[0], 9)  # encoder
+        for i, width in enumerate(widths):
+            chain = [widths[max(i - 1, 0)]] + [width] * self.layers_per_block
+            total += sum(sizes.resnet(a, b, None) for a, b in zip(chain, chain[1:]))
+            total += sizes.conv(width, width, 9) if i < n - 1 else 0
+        total += _vae_mid(widths[-1]) + sizes.norm(widths[-1]) + sizes.conv(widths[-1], 2 * latent, 9)
+        backwards = widths[::-1]
+        total += sizes.conv(latent, backwards[0], 9) + _vae_mid(backwards[0])  # decoder
+        for i, width in enumerate(backwards):
+            chain = [backwards[max(i - 1, 0)]] + [width] * (self.layers_per_block + 1)
+            total += sum(sizes.resnet(a, b, None) for a, b in zip(chain, chain[1:]))
+            total += sizes.conv(width, width, 9) if i < n - 1 else 0
+        total += sizes.norm(backwards[-1]) + sizes.conv(backwards[-1], self.out_channels, 9)
+        return (
+            total + sizes.conv(2 * latent, 2 * latent, 1) + sizes.conv(latent, latent, 1)
+        )  # quant_conv, post_quant_conv
 
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent along each spatial axis (8 for KL-f8)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+def _vae_mid(channels: int) -> int:
+    return (
+        2 * sizes.resnet(channels, channels, None)
+        + sizes.norm(channels)
+        + sizes.attention(channels, channels, qkv_bias=True)
+    )
 
 
 VAE_FULL = VAEConfig()

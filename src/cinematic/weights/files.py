@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -23,9 +24,16 @@ from cinematic.errors import CinematicError
 StateDict = dict[str, torch.Tensor]
 
 
+# Configs and shard indexes are kilobytes (the largest published index, a few MB): a bigger file, such as a sparse
+# one declaring gigabytes, is refused before it is read.
+MAX_JSON_BYTES = 100_000_000
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object (every config and index file cinematic reads does)."""
     try:
+        if Path(path).stat().st_size > MAX_JSON_BYTES:
+            raise CinematicError(f"{path} is over {MAX_JSON_BYTES:,} bytes, too big for a config or index file")
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CinematicError(f"missing file: {path}") from None
@@ -105,7 +113,8 @@ def _parse_header(f, file_size: int) -> SafetensorsHeader:
         raise _Corrupt(f"the header is not valid JSON ({reason})") from None
     if not isinstance(header, dict):
         raise _Corrupt(f"the header is a JSON {type(header).__name__}, not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _Corrupt("__metadata__ must be an object of strings")
     data_start = 8 + size
@@ -114,9 +123,9 @@ def _parse_header(f, file_size: int) -> SafetensorsHeader:
     position = data_start
     for key, tensor in tensors.items():
         if tensor.start < position:
-            raise _Corrupt(f"tensor {key} overlaps the tensor before it")
+            raise _Corrupt(f"tensor {_printable(key)} overlaps the tensor before it")
         if tensor.start > position:
-            raise _Corrupt(f"{tensor.start - position} unused bytes lie before tensor {key}")
+            raise _Corrupt(f"{tensor.start - position} unused bytes lie before tensor {_printable(key)}")
         position = tensor.end
     if position > file_size:
         raise _Corrupt(f"the tensors need {position - data_start:,} bytes of data but the file holds "
@@ -127,10 +136,19 @@ def _parse_header(f, file_size: int) -> SafetensorsHeader:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _Corrupt(f"the header names {sorted(k for k in set(keys) if keys.count(k) > 1)[0]} twice")
-    return dict(pairs)
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        twice = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise _Corrupt(f"the header names {_printable(twice)} twice")
+    return data
+
+
+def _printable(key: str, limit: int = 80) -> str:
+    """A key from a file, fit for a one-line message: as it is when short and printable, else its repr, cut."""
+    if key.isprintable() and len(key) <= limit:
+        return key
+    text = repr(key)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -139,19 +157,22 @@ def _is_int(value: Any) -> bool:
 
 def _tensor_entry(key: str, info: Any, data_start: int) -> SafetensorsTensor:
     if not isinstance(info, dict):
-        raise _Corrupt(f"tensor {key} is described by a {type(info).__name__}, not an object")
+        raise _Corrupt(f"tensor {_printable(key)} is described by a {type(info).__name__}, not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _SAFETENSORS_TORCH:
-        raise _Corrupt(f"tensor {key} has dtype {dtype!r:.40}; known: {', '.join(_SAFETENSORS_TORCH)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _Corrupt(f"tensor {key} has shape {shape!r:.40}, not a list of non-negative integers")
+        raise _Corrupt(f"tensor {_printable(key)} has dtype {dtype!r:.40}; known: {', '.join(_SAFETENSORS_TORCH)}")
+    if not isinstance(shape, list) or len(shape) > 64 or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _Corrupt(
+            f"tensor {_printable(key)} has shape {shape!r:.40}, not a list of at most 64 non-negative integers"
+        )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
-        raise _Corrupt(f"tensor {key} has data_offsets {offsets!r:.40}, not two non-negative integers")
+        raise _Corrupt(f"tensor {_printable(key)} has data_offsets {offsets!r:.40}, not two non-negative integers")
     begin, end = offsets
     needed = math.prod(shape) * _SAFETENSORS_TORCH[dtype].itemsize
     if end - begin != needed:
         raise _Corrupt(
-            f"tensor {key} of shape {shape} ({dtype}) needs {needed:,} bytes but its offsets span {end - begin:,}"
+            f"tensor {_printable(key)} of shape {str(shape):.60} ({dtype}) needs {needed:,} bytes "
+            f"but its offsets span {end - begin:,}"
         )
     return SafetensorsTensor(_SAFETENSORS_TORCH[dtype], tuple(shape), data_start + begin, data_start + end)
 
@@ -183,7 +204,7 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> StateDict:
                     buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
                     f.seek(info.start)
                     if f.readinto(memoryview(buffer.numpy())) != info.end - info.start:
-                        raise ValueError(f"tensor {key} is cut short")
+                        raise ValueError(f"tensor {_printable(key)} is cut short")
                 tensor = buffer.view(info.dtype).reshape(info.shape)
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
@@ -259,7 +280,9 @@ def read_index(path: Path) -> list[Path]:
     weight_map = read_json(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CinematicError(f"{path} has no weight_map object naming the shard of each tensor")
-    shards = {member_file(path.parent, name, f"{path}: the shard of {key}") for key, name in weight_map.items()}
+    shards = {
+        member_file(path.parent, name, f"{path}: the shard of {_printable(key)}") for key, name in weight_map.items()
+    }
     return sorted(shards)
 
 
@@ -303,7 +326,7 @@ def read_weights(path: Path, dtype: torch.dtype | None = None) -> StateDict:
             part = read_weights(shard, dtype)
             twice = part.keys() & state.keys()
             if twice:
-                raise CinematicError(f"{path}: tensor {sorted(twice)[0]} is stored in more than one shard")
+                raise CinematicError(f"{path}: tensor {_printable(sorted(twice)[0])} is stored in more than one shard")
             state.update(part)
         return state
     if path.suffix == ".safetensors":
@@ -312,7 +335,7 @@ def read_weights(path: Path, dtype: torch.dtype | None = None) -> StateDict:
 
 
 def _describe(keys: Iterable[str], limit: int = 8) -> str:
-    keys = sorted(keys)
+    keys = sorted(_printable(k) for k in keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
