@@ -37,13 +37,14 @@ def integer(value: Any, name: str, low: int, high: int) -> int:
     return value
 
 
-def number(value: Any, name: str, low: float, high: float, *, open_low: bool = False) -> float:
-    """``value`` if it is a finite int or float from ``low`` (excluded with ``open_low``) to ``high``."""
+def number(value: Any, name: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` if it is a finite int or float from ``low`` to ``high``, each end excluded when ``open_...``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise CinematicError(f"{name} must be a finite number, not {type(value).__name__} {_shown(value)}")
-    if value < low or value > high or (open_low and value == low):
-        more = "more than" if open_low else "at least"
-        raise CinematicError(f"{name} must be {more} {low:g} and at most {high:g}, got {_shown(value)}")
+    if value < low or value > high or (open_low and value == low) or (open_high and value == high):
+        above = "more than" if open_low else "at least"
+        below = "less than" if open_high else "at most"
+        raise CinematicError(f"{name} must be {above} {low:g} and {below} {high:g}, got {_shown(value)}")
     return value
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
 from cinematic.models.checks import boolean, integer, mapping, number
-from cinematic.models.sizes import MAX_PARAMETERS
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig
 from cinematic.models.vae import VAEConfig
@@ -49,10 +49,8 @@ class ScheduleConfig:
 
     def __post_init__(self):
         # Both ends of the scaled-linear betas must be probabilities strictly between 0 and 1.
-        number(self.beta_start, "schedule.beta_start", 0, 1, open_low=True)
-        number(self.beta_end, "schedule.beta_end", 0, 1, open_low=True)
-        if self.beta_start == 1 or self.beta_end == 1:
-            raise CinematicError("schedule.beta_start and beta_end must be less than 1")
+        number(self.beta_start, "schedule.beta_start", 0, 1, open_low=True, open_high=True)
+        number(self.beta_end, "schedule.beta_end", 0, 1, open_low=True, open_high=True)
         integer(self.num_train_timesteps, "schedule.num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS)
         boolean(self.zero_terminal_snr, "schedule.zero_terminal_snr")
         if not isinstance(self.prediction_type, str) or self.prediction_type not in PREDICTION_TYPES:
@@ -107,11 +105,7 @@ class ModelConfig:
         for name, kind in kinds.items():
             if not isinstance(getattr(self, name), kind):
                 raise CinematicError(f"ModelConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r:.40}")
-        total = sum(c.parameter_count() for c in (self.unet, self.text_encoder, self.vae))
-        if total > MAX_PARAMETERS:
-            raise CinematicError(
-                f"the model would have {total:,} parameters, more than the {MAX_PARAMETERS:,} cinematic builds"
-            )
+        sizes.check_parameters("the model", sum(c.parameter_count() for c in (self.unet, self.text_encoder, self.vae)))
         if self.unet.cross_attention_dim != self.text_encoder.width:
             raise CinematicError(
                 f"the UNet attends to {self.unet.cross_attention_dim}-wide text features but the text encoder "

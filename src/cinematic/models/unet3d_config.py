@@ -100,7 +100,7 @@ class UNet3DConfig:
         integer(self.transformer_in_heads, "unet.transformer_in_heads", 1, MAX_CHANNELS)
         number(self.norm_eps, "unet.norm_eps", 0, 1, open_low=True)
         if self.shapes is not None and not isinstance(self.shapes, ShapesOptions):
-            raise CinematicError(f"unet.shapes must be a set of shapes options, got {self.shapes!r}")
+            raise CinematicError(f"unet.shapes must be a set of shapes options, got {self.shapes!r:.40}")
         for i, level in enumerate(self.levels):
             if not isinstance(level, UNetLevel):
                 raise CinematicError(f"unet.levels[{i}] must be a level (channels, attention), got {level!r}")

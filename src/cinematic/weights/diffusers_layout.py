@@ -205,8 +205,8 @@ def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig
     _check_keys(config, used, _SCHEDULE_FIXED, _SCHEDULE_IGNORED, where)
     with config_file(where):
         return ScheduleConfig(
-            beta_start=number(config.get("beta_start", 0.00085), "beta_start", 0, 1, open_low=True),
-            beta_end=number(config.get("beta_end", 0.012), "beta_end", 0, 1, open_low=True),
+            beta_start=number(config.get("beta_start", 0.00085), "beta_start", 0, 1, open_low=True, open_high=True),
+            beta_end=number(config.get("beta_end", 0.012), "beta_end", 0, 1, open_low=True, open_high=True),
             num_train_timesteps=integer(
                 config.get("num_train_timesteps", 1000), "num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS
             ),  # fmt: skip

@@ -131,12 +131,12 @@ def _vae_state(path: Path) -> StateDict:
 
 def read_modelscope(folder: Path) -> Source:
     where = folder / "configuration.json"
+    configuration = read_json(where)
     with config_file(where):
-        model = mapping(read_json(where).get("model", {}), "model")
+        model = mapping(configuration.get("model", {}), "model")
         args = mapping(model.get("model_args", {}), "model.model_args")
         cfg = mapping(model.get("model_cfg", {}), "model.model_cfg")
-        frames = spec("num_frames")
-        max_frames = integer(args.get("max_frames", 16), "model.model_args.max_frames", 1, int(frames.high))
+        max_frames = integer(args.get("max_frames", 16), "model.model_args.max_frames", 1, int(spec("num_frames").high))
     files = {
         c: member_file(folder, args.get(_CKPT_ARGS[c], DEFAULT_FILES[c]), f"{where}: model_args.{_CKPT_ARGS[c]}")
         for c in DEFAULT_FILES
