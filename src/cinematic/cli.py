@@ -24,20 +24,29 @@ def _size(n: int) -> str:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from cinematic.weights import build_networks, open_source
-    from cinematic.weights.files import stored_dtype
+    from cinematic.weights.files import dtype_names, is_safetensors, stored_dtype
 
     source = open_source(args.model)
     networks = build_networks(source.config)
+    rows = []
+    for name, network in networks.items():
+        path = source.files[name]
+        # Safetensors files are checked against their headers without reading the tensors; pickled files go
+        # through the very reader loading uses (weights-only, legacy formats included).
+        stored = (
+            stored_dtype(path)
+            if is_safetensors(path)
+            else dtype_names(t.dtype for t in source.readers[name]().values())
+        )
+        params = sum(p.numel() for p in network.parameters())
+        rel = path.relative_to(source.folder) if path.is_relative_to(source.folder) else path
+        rows.append(f"{name:<13} {params:>15,}  {stored:<10} {_size(path.stat().st_size):>10}  {rel}")
     print(f"model:   {source.folder}")
     print(f"format:  {source.format}")
     d = source.config.defaults
     print(f"trained: {d.frames} frames, {d.width}x{d.height}, {d.fps} fps")
     print(f"{'component':<13} {'parameters':>15}  {'stored as':<10} {'size':>10}  file")
-    for name, network in networks.items():
-        path = source.files[name]
-        params = sum(p.numel() for p in network.parameters())
-        rel = path.relative_to(source.folder) if path.is_relative_to(source.folder) else path
-        print(f"{name:<13} {params:>15,}  {stored_dtype(path):<10} {_size(path.stat().st_size):>10}  {rel}")
+    print("\n".join(rows))
     tokenizer = source.tokenizer if source.tokenizer and (source.tokenizer / "vocab.json").is_file() else None
     print(f"tokenizer: {tokenizer or 'not included (taken from --tokenizer or the hub when loading)'}")
 

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
+from cinematic.models.checks import boolean, integer, mapping, number
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig
 from cinematic.models.vae import VAEConfig
+from cinematic.settings import spec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("default", "leading", "linspace", "trailing")  # cinematic.diffusion.schedule.SPACINGS
+# The schedule's tables hold one float64 per training step: diffusers' models use 1000; 100k is 800 kB.
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,16 @@ class ScheduleConfig:
     steps_offset: int = 1
 
     def __post_init__(self):
-        if self.prediction_type not in PREDICTION_TYPES:
+        # Both ends of the scaled-linear betas must be probabilities strictly between 0 and 1.
+        number(self.beta_start, "schedule.beta_start", 0, 1, open_low=True, open_high=True)
+        number(self.beta_end, "schedule.beta_end", 0, 1, open_low=True, open_high=True)
+        integer(self.num_train_timesteps, "schedule.num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS)
+        integer(self.steps_offset, "schedule.steps_offset", 0, 1000)
+        boolean(self.zero_terminal_snr, "schedule.zero_terminal_snr")
+        if not isinstance(self.prediction_type, str) or self.prediction_type not in PREDICTION_TYPES:
             allowed = ", ".join(repr(p) for p in PREDICTION_TYPES)
             raise CinematicError(f"prediction type {self.prediction_type!r} is not supported; allowed: {allowed}")
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+        if not isinstance(self.timestep_spacing, str) or self.timestep_spacing not in TIMESTEP_SPACINGS:
             allowed = ", ".join(repr(p) for p in TIMESTEP_SPACINGS)
             raise CinematicError(f"timestep spacing {self.timestep_spacing!r} is not supported; allowed: {allowed}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
@@ -74,6 +85,15 @@ class Defaults:
     width: int = 256
     fps: int = 8
 
+    def __post_init__(self):
+        # The bounds are the settings' own (each declared once, in settings.py): a default must be a valid setting.
+        for name, setting in (("frames", "num_frames"), ("height", "height"), ("width", "width")):
+            bounds = spec(setting)
+            value = integer(getattr(self, name), f"defaults.{name}", int(bounds.low), int(bounds.high))
+            if bounds.multiple_of and value % bounds.multiple_of:
+                raise CinematicError(f"defaults.{name} must be a multiple of {bounds.multiple_of}, got {value}")
+        number(self.fps, "defaults.fps", spec("fps").low, spec("fps").high)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -84,6 +104,12 @@ class ModelConfig:
     defaults: Defaults = field(default_factory=Defaults)
 
     def __post_init__(self):
+        kinds = {"unet": UNet3DConfig, "text_encoder": TextEncoderConfig, "vae": VAEConfig}
+        kinds |= {"schedule": ScheduleConfig, "defaults": Defaults}
+        for name, kind in kinds.items():
+            if not isinstance(getattr(self, name), kind):
+                raise CinematicError(f"ModelConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r:.40}")
+        sizes.check_parameters("the model", sum(c.parameter_count() for c in (self.unet, self.text_encoder, self.vae)))
         if self.unet.cross_attention_dim != self.text_encoder.width:
             raise CinematicError(
                 f"the UNet attends to {self.unet.cross_attention_dim}-wide text features but the text encoder "
@@ -97,20 +123,20 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise CinematicError(f"model.json has format_version {version!r}; this cinematic reads {FORMAT_VERSION}")
+            raise CinematicError(f"format_version is {version!r:.40}; this cinematic reads {FORMAT_VERSION}")
         try:
-            unet = UNet3DConfig.from_dict(data["unet"])
-            vae = dict(data["vae"])
-            vae["block_out_channels"] = tuple(vae["block_out_channels"])
+            sections = {name: mapping(data[name], name) for name in ("unet", "text_encoder", "vae")}
+            sections |= {name: mapping(data.get(name, {}), name) for name in ("schedule", "defaults")}
+            unet = UNet3DConfig.from_dict(sections["unet"])
             return cls(
                 unet=unet,
-                text_encoder=TextEncoderConfig(**data["text_encoder"]),
-                vae=VAEConfig(**vae),
-                schedule=ScheduleConfig(**data.get("schedule", {})),
-                defaults=Defaults(**data.get("defaults", {})),
+                text_encoder=TextEncoderConfig(**sections["text_encoder"]),
+                vae=VAEConfig(**sections["vae"]),
+                schedule=ScheduleConfig(**sections["schedule"]),
+                defaults=Defaults(**sections["defaults"]),
             )
         except (KeyError, TypeError) as e:
-            raise CinematicError(f"model.json does not describe a model this cinematic can build: {e}") from None
+            raise CinematicError(f"not a model config this cinematic can build: {e}") from None
 
 
 COMPONENTS = ("unet", "text_encoder", "vae")

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
+from cinematic.models.checks import MAX_CHANNELS, MAX_CONTEXT, MAX_TEXT_LAYERS, MAX_VOCAB, integer, number
 from cinematic.models.layers import LayerNorm, multi_head_attention
 
 
@@ -32,15 +34,23 @@ class TextEncoderConfig:
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "width", "heads", "mlp_width"):
-            if getattr(self, name) < 1:
-                raise CinematicError(f"text encoder {name} must be positive, got {getattr(self, name)}")
-        if self.layers < 0:
-            raise CinematicError(f"text encoder layers must be 0 or more, got {self.layers}")
+        integer(self.vocab_size, "text_encoder.vocab_size", 1, MAX_VOCAB)
+        integer(self.context_length, "text_encoder.context_length", 1, MAX_CONTEXT)
+        for name in ("width", "heads", "mlp_width"):
+            integer(getattr(self, name), f"text_encoder.{name}", 1, MAX_CHANNELS)
+        integer(self.layers, "text_encoder.layers", 0, MAX_TEXT_LAYERS)
         if self.width % self.heads:
-            raise CinematicError(f"text encoder width {self.width} is not divisible by heads {self.heads}")
-        if not self.eps > 0:
-            raise CinematicError(f"text encoder eps must be positive, got {self.eps}")
+            raise CinematicError(f"text_encoder.width {self.width} is not divisible by heads {self.heads}")
+        number(self.eps, "text_encoder.eps", 0, 1, open_low=True)
+        sizes.check_parameters("the text encoder", self.parameter_count())
+
+    def parameter_count(self) -> int:
+        """The parameters :class:`TextEncoder` builds for this config, counted without building."""
+        width = self.width
+        layer = 2 * sizes.norm(width) + 4 * sizes.linear(width, width) + sizes.linear(width, self.mlp_width)
+        layer += sizes.linear(self.mlp_width, width)
+        embeddings = (self.vocab_size + self.context_length) * width
+        return embeddings + self.layers * layer + sizes.norm(width)
 
 
 TEXT_FULL = TextEncoderConfig()

@@ -25,7 +25,7 @@ from cinematic.models.unet3d_blocks import (
     timestep_embedding,
     unfold_frames,
 )
-from cinematic.models.unet3d_config import UNet3DConfig, UNetLevel
+from cinematic.models.unet3d_config import LAYOUT_BASIS, UNet3DConfig, UNetLevel
 
 UNET_FULL = UNet3DConfig()
 # Small enough for CPU tests in milliseconds, but every structural case: attention and attention-free levels,
@@ -152,9 +152,6 @@ class UNet3D(nn.Module):
 
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
         return unfold_frames(h, frames)  # [(B F),C,H,W] -> [B,C,F,H,W]
-
-
-LAYOUT_BASIS = 9
 
 
 def layout_basis(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
+from cinematic.models.checks import MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, boolean, integer, number
+
+# Input planes per caption-drawn layout plane (ShapesOptions.text_planes): the quadratic basis of unet3d.layout_basis.
+LAYOUT_BASIS = 9
+MAX_TEXT_PLANES = 64
 
 
 @dataclass(frozen=True)
@@ -16,6 +22,10 @@ class UNetLevel:
 
     channels: int
     attention: bool
+
+    def __post_init__(self) -> None:
+        integer(self.channels, "unet.levels[].channels", 1, MAX_CHANNELS)
+        boolean(self.attention, "unet.levels[].attention")
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,9 @@ class ShapesOptions:
     text_planes: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.text_planes, bool) or not isinstance(self.text_planes, int) or self.text_planes < 0:
-            raise CinematicError(f"ShapesOptions: text_planes must be an integer >= 0, not {self.text_planes!r}")
+        for name in ("frame_positions", "coordinates", "temporal_context", "pooled_text"):
+            boolean(getattr(self, name), f"unet.shapes.{name}")
+        integer(self.text_planes, "unet.shapes.text_planes", 0, MAX_TEXT_PLANES)
 
 
 SHAPES_OPTION_NAMES = tuple(f.name for f in fields(ShapesOptions))
@@ -80,26 +91,60 @@ class UNet3DConfig:
     shapes: ShapesOptions | None = None
 
     def __post_init__(self) -> None:
-        if not self.levels:
-            raise CinematicError("UNet3DConfig: levels must not be empty")
-        if min(self.in_channels, self.out_channels, self.layers_per_block, self.head_dim, self.norm_groups) < 1:
-            raise CinematicError(
-                "UNet3DConfig: channel counts, layers_per_block, head_dim and norm_groups must be >= 1"
-            )
-        if self.cross_attention_dim < 1 or self.transformer_in_heads < 1:
-            raise CinematicError("UNet3DConfig: cross_attention_dim and transformer_in_heads must be >= 1")
+        if not isinstance(self.levels, list | tuple) or not 1 <= len(self.levels) <= MAX_LEVELS:
+            raise CinematicError(f"unet.levels must list 1 to {MAX_LEVELS} levels, got {self.levels!r:.40}")
+        object.__setattr__(self, "levels", tuple(self.levels))
+        for name in ("in_channels", "out_channels", "head_dim", "cross_attention_dim", "norm_groups"):
+            integer(getattr(self, name), f"unet.{name}", 1, MAX_CHANNELS)
+        integer(self.layers_per_block, "unet.layers_per_block", 1, MAX_LAYERS_PER_BLOCK)
+        integer(self.transformer_in_heads, "unet.transformer_in_heads", 1, MAX_CHANNELS)
+        number(self.norm_eps, "unet.norm_eps", 0, 1, open_low=True)
+        if self.shapes is not None and not isinstance(self.shapes, ShapesOptions):
+            raise CinematicError(f"unet.shapes must be a set of shapes options, got {self.shapes!r:.40}")
         for i, level in enumerate(self.levels):
-            if level.channels < 1 or level.channels % self.norm_groups:
+            if not isinstance(level, UNetLevel):
+                raise CinematicError(f"unet.levels[{i}] must be a level (channels, attention), got {level!r}")
+            if level.channels % self.norm_groups:
                 raise CinematicError(
-                    f"UNet3DConfig: level {i} has {level.channels} channels, not a positive multiple of "
+                    f"unet.levels[{i}] has {level.channels} channels, not a positive multiple of "
                     f"norm_groups={self.norm_groups}"
                 )
             # The middle block always has attention, at the last level's width.
             needs_heads = level.attention or i == len(self.levels) - 1
             if needs_heads and level.channels % self.head_dim:
                 raise CinematicError(
-                    f"UNet3DConfig: level {i} has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
+                    f"unet.levels[{i}] has {level.channels} channels, not a multiple of head_dim={self.head_dim}"
                 )
+        sizes.check_parameters("the UNet", self.parameter_count())
+
+    def parameter_count(self) -> int:
+        """The parameters :class:`cinematic.models.unet3d.UNet3D` builds for this config, counted without building."""
+        widths = [level.channels for level in self.levels]
+        c0, temb, n = widths[0], self.time_embed_dim, len(widths)
+        total = (
+            sizes.conv(self.in_channels + self.coordinate_channels, c0, 9)
+            + sizes.linear(c0, temb)
+            + sizes.linear(temb, temb)
+        )
+        if self.options.pooled_text:
+            total += sizes.linear(self.cross_attention_dim, temb) + sizes.linear(temb, temb)
+        if self.options.text_planes:
+            total += sizes.linear(self.cross_attention_dim, self.options.text_planes * LAYOUT_BASIS)
+        total += sizes.transformer(c0, self.transformer_in_heads * self.head_dim, self.temporal_context_dim)
+        layers = self.layers_per_block
+        for i, level in enumerate(self.levels):  # encoder: UNet3D._down_blocks
+            in_chs = [widths[max(i - 1, 0)]] + [level.channels] * (layers - 1)
+            total += _unet_stack(self, in_chs, level.channels, layers if level.attention else 0)
+            total += sizes.conv(level.channels, level.channels, 9) if i < n - 1 else 0
+        total += _unet_stack(self, [widths[-1]] * 2, widths[-1], 1)  # the middle block
+        levels = list(reversed(self.levels))
+        for i, level in enumerate(levels):  # decoder: UNet3D._up_blocks
+            prev, shallower = levels[max(i - 1, 0)].channels, levels[min(i + 1, n - 1)].channels
+            skips = [level.channels] * layers + [shallower]
+            in_chs = [(prev if j == 0 else level.channels) + s for j, s in enumerate(skips)]
+            total += _unet_stack(self, in_chs, level.channels, len(in_chs) if level.attention else 0)
+            total += sizes.conv(level.channels, level.channels, 9) if i < n - 1 else 0
+        return total + sizes.norm(c0) + sizes.conv(c0, self.out_channels, 9)
 
     @property
     def options(self) -> ShapesOptions:
@@ -139,6 +184,17 @@ class UNet3DConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.levels[0].channels
+
+
+def _unet_stack(config: UNet3DConfig, in_chs: list[int], out_ch: int, attention_layers: int) -> int:
+    """unet3d_blocks._LayerStack: a resnet and a temporal conv per input, and the attention layers."""
+    temporal_conv = 4 * (sizes.norm(out_ch) + sizes.conv(out_ch, out_ch, 3))
+    total = sum(sizes.resnet(c, out_ch, config.time_embed_dim) + temporal_conv for c in in_chs)
+    heads = out_ch // config.head_dim
+    inner = heads * config.head_dim
+    spatial = sizes.transformer(out_ch, inner, config.cross_attention_dim)
+    temporal = sizes.transformer(out_ch, inner, config.temporal_context_dim)
+    return total + attention_layers * (spatial + temporal)
 
 
 NO_SHAPES_OPTIONS = ShapesOptions()

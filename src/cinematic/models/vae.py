@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cinematic.errors import CinematicError
+from cinematic.models import sizes
+from cinematic.models.checks import MAX_CHANNELS, MAX_LAYERS_PER_BLOCK, MAX_LEVELS, integer, integers, number
 from cinematic.models.layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 # Every norm in the KL autoencoder uses eps 1e-6 (LDM's `Normalize`), unlike the UNet's 1e-5.
@@ -40,26 +42,53 @@ class VAEConfig:
     scaling_factor: float = 0.18215
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise CinematicError(f"VAEConfig.{name} must be a positive integer, got {value!r}")
-        if not self.block_out_channels:
-            raise CinematicError("VAEConfig.block_out_channels must name at least one level")
+        if isinstance(self.block_out_channels, list):
+            object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_groups"):
+            integer(getattr(self, name), f"vae.{name}", 1, MAX_CHANNELS)
+        integer(self.layers_per_block, "vae.layers_per_block", 1, MAX_LAYERS_PER_BLOCK)
+        integers(self.block_out_channels, "vae.block_out_channels", 1, MAX_CHANNELS, MAX_LEVELS)
         for width in self.block_out_channels:
-            if not isinstance(width, int) or width < 1 or width % self.norm_groups:
+            if width % self.norm_groups:
                 raise CinematicError(
-                    f"VAEConfig.block_out_channels {self.block_out_channels} must be positive multiples of "
+                    f"vae.block_out_channels {self.block_out_channels} must be positive multiples of "
                     f"norm_groups={self.norm_groups}"
                 )
-        if not self.scaling_factor > 0:
-            raise CinematicError(f"VAEConfig.scaling_factor must be positive, got {self.scaling_factor!r}")
+        number(self.scaling_factor, "vae.scaling_factor", 0, 1e6, open_low=True)
+        sizes.check_parameters("the VAE", self.parameter_count())
+
+    def parameter_count(self) -> int:
+        """The parameters :class:`VAE` builds for this config, counted without building."""
+        widths, latent, n = self.block_out_channels, self.latent_channels, len(self.block_out_channels)
+        total = sizes.conv(self.in_channels, widths[0], 9)  # encoder
+        for i, width in enumerate(widths):
+            chain = [widths[max(i - 1, 0)]] + [width] * self.layers_per_block
+            total += sum(sizes.resnet(a, b, None) for a, b in zip(chain, chain[1:]))
+            total += sizes.conv(width, width, 9) if i < n - 1 else 0
+        total += _vae_mid(widths[-1]) + sizes.norm(widths[-1]) + sizes.conv(widths[-1], 2 * latent, 9)
+        backwards = widths[::-1]
+        total += sizes.conv(latent, backwards[0], 9) + _vae_mid(backwards[0])  # decoder
+        for i, width in enumerate(backwards):
+            chain = [backwards[max(i - 1, 0)]] + [width] * (self.layers_per_block + 1)
+            total += sum(sizes.resnet(a, b, None) for a, b in zip(chain, chain[1:]))
+            total += sizes.conv(width, width, 9) if i < n - 1 else 0
+        total += sizes.norm(backwards[-1]) + sizes.conv(backwards[-1], self.out_channels, 9)
+        return (
+            total + sizes.conv(2 * latent, 2 * latent, 1) + sizes.conv(latent, latent, 1)
+        )  # quant_conv, post_quant_conv
 
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent along each spatial axis (8 for KL-f8)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+def _vae_mid(channels: int) -> int:
+    return (
+        2 * sizes.resnet(channels, channels, None)
+        + sizes.norm(channels)
+        + sizes.attention(channels, channels, qkv_bias=True)
+    )
 
 
 VAE_FULL = VAEConfig()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cinematic.errors import CinematicError
+from cinematic.models.checks import config_file
 from cinematic.models.components import Model, ModelConfig
 from cinematic.train.batches import INIT, derive_seed
 from cinematic.train.config import TrainConfig
@@ -39,7 +40,8 @@ def preset_config(preset: str) -> ModelConfig:
     data = read_json(path)
     if not isinstance(data, dict):
         raise CinematicError(f"{path} does not hold a JSON object")
-    return ModelConfig.from_dict({"format_version": FORMAT_VERSION, **data})
+    with config_file(path):
+        return ModelConfig.from_dict({"format_version": FORMAT_VERSION, **data})
 
 
 def starting_config(config: TrainConfig) -> ModelConfig:

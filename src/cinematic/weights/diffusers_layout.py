@@ -9,15 +9,28 @@ listed in explicit ignore sets.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cinematic.errors import CinematicError
-from cinematic.models.components import ModelConfig, ScheduleConfig
+from cinematic.models.checks import (
+    MAX_CHANNELS,
+    MAX_CONTEXT,
+    MAX_LAYERS_PER_BLOCK,
+    MAX_LEVELS,
+    MAX_TEXT_LAYERS,
+    MAX_VOCAB,
+    boolean,
+    config_file,
+    integer,
+    integers,
+    number,
+)
+from cinematic.models.components import MAX_TRAIN_TIMESTEPS, Defaults, ModelConfig, ScheduleConfig
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig, UNetLevel
 from cinematic.models.vae import VAEConfig
+from cinematic.settings import spec
 from cinematic.weights.files import StateDict, read_json, read_weights
 from cinematic.weights.source import Source
 
@@ -28,6 +41,7 @@ WEIGHT_STEMS = {
     "text_encoder": ("model", "pytorch_model"),
 }
 
+LATENT_FACTOR = 8  # sample_size counts latent pixels; the published VAE downsamples by 8
 _UNET_FIXED = {  # key: the only value our UNet implements
     "act_fn": "silu",
     "downsample_padding": 1,
@@ -82,34 +96,55 @@ def _check_keys(config: dict[str, Any], used: set[str], fixed: dict[str, Any], i
         raise CinematicError(f"{where}: unknown config keys {sorted(unknown)} (they may change the architecture)")
 
 
+def _block_types(config: dict[str, Any], key: str, default: list[str]) -> list[str]:
+    types = config.get(key, default)
+    if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
+        raise CinematicError(f"{key} must be a list of block type names, got {types!r:.60}")
+    return list(types)
+
+
 def parse_unet_config(config: dict[str, Any], where: Path) -> UNet3DConfig:
     used = {
         "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
         "layers_per_block", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim",
     }  # fmt: skip
     _check_keys(config, used, _UNET_FIXED, _UNET_IGNORED, where)
-    channels = list(config.get("block_out_channels", (320, 640, 1280, 1280)))
-    down = list(config.get("down_block_types", ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"]))
-    up = list(config.get("up_block_types", ["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3))
-    allowed_down = {"CrossAttnDownBlock3D": True, "DownBlock3D": False}
-    if len(down) != len(channels) or any(d not in allowed_down for d in down):
-        raise CinematicError(f"{where}: down_block_types {down} must be one of {sorted(allowed_down)} per level")
-    mirrored = ["CrossAttnUpBlock3D" if allowed_down[d] else "UpBlock3D" for d in reversed(down)]
-    if up != mirrored:
-        raise CinematicError(f"{where}: up_block_types {up} must mirror down_block_types ({mirrored})")
-    head_dim = config.get("attention_head_dim", 64)
-    if not isinstance(head_dim, int):
-        raise CinematicError(f"{where}: attention_head_dim must be one integer, got {head_dim!r}")
-    return UNet3DConfig(
-        in_channels=config.get("in_channels", 4),
-        out_channels=config.get("out_channels", 4),
-        levels=tuple(UNetLevel(c, allowed_down[d]) for c, d in zip(channels, down)),
-        layers_per_block=config.get("layers_per_block", 2),
-        head_dim=head_dim,
-        cross_attention_dim=config.get("cross_attention_dim", 1024),
-        norm_groups=config.get("norm_num_groups", 32),
-        norm_eps=config.get("norm_eps", 1e-5),
-    )
+    with config_file(where):
+        channels = integers(config.get("block_out_channels", [320, 640, 1280, 1280]), "block_out_channels", 1,
+                            MAX_CHANNELS, MAX_LEVELS)  # fmt: skip
+        down = _block_types(config, "down_block_types", ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"])
+        up = _block_types(config, "up_block_types", ["UpBlock3D"] + ["CrossAttnUpBlock3D"] * 3)
+        allowed_down = {"CrossAttnDownBlock3D": True, "DownBlock3D": False}
+        if len(down) != len(channels) or any(d not in allowed_down for d in down):
+            raise CinematicError(f"down_block_types {down} must be one of {sorted(allowed_down)} per level")
+        mirrored = ["CrossAttnUpBlock3D" if allowed_down[d] else "UpBlock3D" for d in reversed(down)]
+        if up != mirrored:
+            raise CinematicError(f"up_block_types {up} must mirror down_block_types ({mirrored})")
+        return UNet3DConfig(
+            in_channels=integer(config.get("in_channels", 4), "in_channels", 1, MAX_CHANNELS),
+            out_channels=integer(config.get("out_channels", 4), "out_channels", 1, MAX_CHANNELS),
+            levels=tuple(UNetLevel(c, allowed_down[d]) for c, d in zip(channels, down)),
+            layers_per_block=integer(config.get("layers_per_block", 2), "layers_per_block", 1, MAX_LAYERS_PER_BLOCK),
+            head_dim=integer(config.get("attention_head_dim", 64), "attention_head_dim", 1, MAX_CHANNELS),
+            cross_attention_dim=integer(
+                config.get("cross_attention_dim", 1024), "cross_attention_dim", 1, MAX_CHANNELS
+            ),
+            norm_groups=integer(config.get("norm_num_groups", 32), "norm_num_groups", 1, MAX_CHANNELS),
+            norm_eps=number(config.get("norm_eps", 1e-5), "norm_eps", 0, 1, open_low=True),
+        )
+
+
+def parse_sample_size(config: dict[str, Any], where: Path) -> tuple[int, int] | None:
+    """The trained ``(height, width)`` in pixels from the UNet's ``sample_size`` (latent pixels: one number, or
+    ``[height, width]``), or None when the config has none."""
+    size = config.get("sample_size")
+    if size is None:
+        return None
+    sizes = list(size) if isinstance(size, list | tuple) else [size]
+    most = int(spec("height").high) // LATENT_FACTOR
+    with config_file(where):
+        height, width = integers(sizes * 2 if len(sizes) == 1 else sizes, "sample_size", 1, most, 2)
+    return height * LATENT_FACTOR, width * LATENT_FACTOR
 
 
 def parse_text_encoder_config(config: dict[str, Any], where: Path) -> TextEncoderConfig:
@@ -118,15 +153,18 @@ def parse_text_encoder_config(config: dict[str, Any], where: Path) -> TextEncode
         "intermediate_size", "layer_norm_eps",
     }  # fmt: skip
     _check_keys(config, used, _TEXT_FIXED, _TEXT_IGNORED, where)
-    return TextEncoderConfig(
-        vocab_size=config.get("vocab_size", 49408),
-        context_length=config.get("max_position_embeddings", 77),
-        width=config.get("hidden_size", 1024),
-        layers=config.get("num_hidden_layers", 23),
-        heads=config.get("num_attention_heads", 16),
-        mlp_width=config.get("intermediate_size", 4096),
-        eps=config.get("layer_norm_eps", 1e-5),
-    )
+    with config_file(where):
+        return TextEncoderConfig(
+            vocab_size=integer(config.get("vocab_size", 49408), "vocab_size", 1, MAX_VOCAB),
+            context_length=integer(
+                config.get("max_position_embeddings", 77), "max_position_embeddings", 1, MAX_CONTEXT
+            ),  # fmt: skip
+            width=integer(config.get("hidden_size", 1024), "hidden_size", 1, MAX_CHANNELS),
+            layers=integer(config.get("num_hidden_layers", 23), "num_hidden_layers", 0, MAX_TEXT_LAYERS),
+            heads=integer(config.get("num_attention_heads", 16), "num_attention_heads", 1, MAX_CHANNELS),
+            mlp_width=integer(config.get("intermediate_size", 4096), "intermediate_size", 1, MAX_CHANNELS),
+            eps=number(config.get("layer_norm_eps", 1e-5), "layer_norm_eps", 0, 1, open_low=True),
+        )
 
 
 def parse_vae_config(config: dict[str, Any], where: Path) -> VAEConfig:
@@ -135,20 +173,22 @@ def parse_vae_config(config: dict[str, Any], where: Path) -> VAEConfig:
         "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor",
     }  # fmt: skip
     _check_keys(config, used, _VAE_FIXED, _VAE_IGNORED, where)
-    channels = tuple(config.get("block_out_channels", (128, 256, 512, 512)))
-    if set(config.get("down_block_types", ["DownEncoderBlock2D"])) != {"DownEncoderBlock2D"} or set(
-        config.get("up_block_types", ["UpDecoderBlock2D"])
-    ) != {"UpDecoderBlock2D"}:
-        raise CinematicError(f"{where}: only DownEncoderBlock2D / UpDecoderBlock2D blocks are supported")
-    return VAEConfig(
-        in_channels=config.get("in_channels", 3),
-        out_channels=config.get("out_channels", 3),
-        latent_channels=config.get("latent_channels", 4),
-        block_out_channels=channels,
-        layers_per_block=config.get("layers_per_block", 2),
-        norm_groups=config.get("norm_num_groups", 32),
-        scaling_factor=config.get("scaling_factor", 0.18215),
-    )
+    with config_file(where):
+        channels = integers(config.get("block_out_channels", [128, 256, 512, 512]), "block_out_channels", 1,
+                            MAX_CHANNELS, MAX_LEVELS)  # fmt: skip
+        down = _block_types(config, "down_block_types", ["DownEncoderBlock2D"])
+        up = _block_types(config, "up_block_types", ["UpDecoderBlock2D"])
+        if set(down) != {"DownEncoderBlock2D"} or set(up) != {"UpDecoderBlock2D"}:
+            raise CinematicError("only DownEncoderBlock2D / UpDecoderBlock2D blocks are supported")
+        return VAEConfig(
+            in_channels=integer(config.get("in_channels", 3), "in_channels", 1, MAX_CHANNELS),
+            out_channels=integer(config.get("out_channels", 3), "out_channels", 1, MAX_CHANNELS),
+            latent_channels=integer(config.get("latent_channels", 4), "latent_channels", 1, MAX_CHANNELS),
+            block_out_channels=channels,
+            layers_per_block=integer(config.get("layers_per_block", 2), "layers_per_block", 1, MAX_LAYERS_PER_BLOCK),
+            norm_groups=integer(config.get("norm_num_groups", 32), "norm_num_groups", 1, MAX_CHANNELS),
+            scaling_factor=number(config.get("scaling_factor", 0.18215), "scaling_factor", 0, 1e6, open_low=True),
+        )
 
 
 def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig:
@@ -165,15 +205,18 @@ def parse_schedule_config(config: dict[str, Any], where: Path) -> ScheduleConfig
         "steps_offset",
     }
     _check_keys(config, used, _SCHEDULE_FIXED, _SCHEDULE_IGNORED, where)
-    return ScheduleConfig(
-        beta_start=config.get("beta_start", 0.00085),
-        beta_end=config.get("beta_end", 0.012),
-        num_train_timesteps=config.get("num_train_timesteps", 1000),
-        prediction_type=config.get("prediction_type", "epsilon"),
-        zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
-        timestep_spacing=config.get("timestep_spacing") or "default",
-        steps_offset=config.get("steps_offset", 0),
-    )
+    with config_file(where):
+        return ScheduleConfig(
+            beta_start=number(config.get("beta_start", 0.00085), "beta_start", 0, 1, open_low=True, open_high=True),
+            beta_end=number(config.get("beta_end", 0.012), "beta_end", 0, 1, open_low=True, open_high=True),
+            num_train_timesteps=integer(
+                config.get("num_train_timesteps", 1000), "num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS
+            ),  # fmt: skip
+            prediction_type=config.get("prediction_type", "epsilon"),
+            zero_terminal_snr=boolean(config.get("rescale_betas_zero_snr", False), "rescale_betas_zero_snr"),
+            timestep_spacing=config.get("timestep_spacing") or "default",
+            steps_offset=integer(config.get("steps_offset", 0), "steps_offset", 0, 1000),
+        )
 
 
 def find_weight_file(folder: Path, component: str, variant: str | None) -> Path:
@@ -204,15 +247,15 @@ def read_diffusers(folder: Path, variant: str | None = None) -> Source:
     schedule = parse_schedule_config(read_json(scheduler_file), scheduler_file) if scheduler_file.is_file() else None
     unet_file, text_file, vae_file = (folder / c / "config.json" for c in ("unet", "text_encoder", "vae"))
     unet_json = read_json(unet_file)
-    config = ModelConfig(
-        unet=parse_unet_config(unet_json, unet_file),
-        text_encoder=parse_text_encoder_config(read_json(text_file), text_file),
-        vae=parse_vae_config(read_json(vae_file), vae_file),
-        schedule=schedule or ScheduleConfig(),
-    )
-    if unet_json.get("sample_size"):  # the trained resolution, in latent pixels
-        size = int(unet_json["sample_size"]) * 8
-        config = replace(config, defaults=replace(config.defaults, height=size, width=size))
+    trained = parse_sample_size(unet_json, unet_file)
+    with config_file(folder):
+        config = ModelConfig(
+            unet=parse_unet_config(unet_json, unet_file),
+            text_encoder=parse_text_encoder_config(read_json(text_file), text_file),
+            vae=parse_vae_config(read_json(vae_file), vae_file),
+            schedule=schedule or ScheduleConfig(),
+            defaults=Defaults() if trained is None else Defaults(height=trained[0], width=trained[1]),
+        )
     files = {c: find_weight_file(folder / c, c, variant) for c in ("unet", "text_encoder", "vae")}
     readers = {
         "unet": lambda dtype=None: read_weights(files["unet"], dtype),

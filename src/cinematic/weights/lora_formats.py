@@ -24,14 +24,13 @@ Keys may start with ``unet.`` or PEFT's ``base_model.model.``; alpha defaults to
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cinematic.errors import CinematicError
-from cinematic.weights.files import read_safetensors
+from cinematic.weights.files import read_safetensors, read_safetensors_header
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
 INFO_NAME = "lora.json"
@@ -70,16 +69,8 @@ def adapter_file(path: str | Path) -> Path:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file (empty when it has none)."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= os.path.getsize(path) - 8:
-                raise ValueError("header length is out of range")
-            metadata = json.loads(f.read(size)).get("__metadata__") or {}
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CinematicError(f"{path} is not a valid safetensors file: {e}") from None
-    return metadata if isinstance(metadata, dict) else {}
+    """The ``__metadata__`` of a safetensors file (empty when it has none), from its checked header."""
+    return read_safetensors_header(path).metadata
 
 
 def read_adapter(path: str | Path) -> tuple[AdapterState, dict[str, Any]]:

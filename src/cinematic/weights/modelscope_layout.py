@@ -14,11 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from cinematic.errors import CinematicError
+from cinematic.models.checks import (
+    MAX_CHANNELS,
+    MAX_LAYERS_PER_BLOCK,
+    MAX_LEVELS,
+    config_file,
+    integer,
+    integers,
+    mapping,
+    number,
+)
 from cinematic.models.components import Defaults, ModelConfig
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig, UNetLevel
 from cinematic.models.vae import VAEConfig
-from cinematic.weights.files import StateDict, read_json, read_torch
+from cinematic.settings import spec
+from cinematic.weights.files import StateDict, member_file, read_json, read_torch
 from cinematic.weights.ldm_vae import convert_ldm_vae, strip_first_stage
 from cinematic.weights.modelscope_unet import convert_modelscope_unet
 from cinematic.weights.openclip import convert_openclip_text
@@ -51,20 +62,24 @@ def parse_model_cfg(cfg: dict[str, Any], where: Path) -> UNet3DConfig:
         raise CinematicError(f"{where}: mean_type {cfg['mean_type']!r} is not supported; allowed: 'eps'")
     if str(cfg.get("temporal_attention", True)).lower() != "true":
         raise CinematicError(f"{where}: temporal_attention must be true; this checkpoint has no temporal attention")
-    dim = cfg.get("unet_dim", 320)
-    scales = [float(s) for s in cfg.get("unet_attn_scales", [1, 0.5, 0.25])]
-    mults = cfg.get("unet_dim_mult", [1, 2, 4, 4])
-    # Level i works at scale 1/2**i; it has spatial attention when that scale is listed in attn_scales.
-    levels = tuple(UNetLevel(dim * m, 1.0 / 2**i in scales) for i, m in enumerate(mults))
-    return UNet3DConfig(
-        in_channels=cfg.get("unet_in_dim", 4),
-        out_channels=cfg.get("unet_out_dim", 4),
-        levels=levels,
-        layers_per_block=cfg.get("unet_res_blocks", 2),
-        head_dim=cfg.get("unet_head_dim", 64),
-        cross_attention_dim=cfg.get("unet_context_dim", 1024),
-        transformer_in_heads=cfg.get("unet_num_heads", 8),
-    )
+    with config_file(where):
+        dim = integer(cfg.get("unet_dim", 320), "unet_dim", 1, MAX_CHANNELS)
+        scales = cfg.get("unet_attn_scales", [1, 0.5, 0.25])
+        if not isinstance(scales, list | tuple):
+            raise CinematicError(f"unet_attn_scales must be a list of numbers, got {scales!r:.40}")
+        scales = [number(s, "unet_attn_scales[]", 0, 1) for s in scales]
+        mults = integers(cfg.get("unet_dim_mult", [1, 2, 4, 4]), "unet_dim_mult", 1, MAX_CHANNELS, MAX_LEVELS)
+        # Level i works at scale 1/2**i; it has spatial attention when that scale is listed in attn_scales.
+        levels = tuple(UNetLevel(dim * m, 1.0 / 2**i in scales) for i, m in enumerate(mults))
+        return UNet3DConfig(
+            in_channels=integer(cfg.get("unet_in_dim", 4), "unet_in_dim", 1, MAX_CHANNELS),
+            out_channels=integer(cfg.get("unet_out_dim", 4), "unet_out_dim", 1, MAX_CHANNELS),
+            levels=levels,
+            layers_per_block=integer(cfg.get("unet_res_blocks", 2), "unet_res_blocks", 1, MAX_LAYERS_PER_BLOCK),
+            head_dim=integer(cfg.get("unet_head_dim", 64), "unet_head_dim", 1, MAX_CHANNELS),
+            cross_attention_dim=integer(cfg.get("unet_context_dim", 1024), "unet_context_dim", 1, MAX_CHANNELS),
+            transformer_in_heads=integer(cfg.get("unet_num_heads", 8), "unet_num_heads", 1, MAX_CHANNELS),
+        )
 
 
 def openclip_text_config(state: StateDict, where: Path) -> TextEncoderConfig:
@@ -115,25 +130,28 @@ def _vae_state(path: Path) -> StateDict:
 
 
 def read_modelscope(folder: Path) -> Source:
-    config_file = folder / "configuration.json"
-    model = read_json(config_file).get("model", {})
-    args = model.get("model_args", {})
-    files = {c: folder / args.get(_CKPT_ARGS[c], DEFAULT_FILES[c]) for c in DEFAULT_FILES}
+    where = folder / "configuration.json"
+    configuration = read_json(where)
+    with config_file(where):
+        model = mapping(configuration.get("model", {}), "model")
+        args = mapping(model.get("model_args", {}), "model.model_args")
+        cfg = mapping(model.get("model_cfg", {}), "model.model_cfg")
+        max_frames = integer(args.get("max_frames", 16), "model.model_args.max_frames", 1, int(spec("num_frames").high))
+    files = {
+        c: member_file(folder, args.get(_CKPT_ARGS[c], DEFAULT_FILES[c]), f"{where}: model_args.{_CKPT_ARGS[c]}")
+        for c in DEFAULT_FILES
+    }
     for component, path in files.items():
         if not path.is_file():
             raise CinematicError(f"{folder}: the {component} weights file {path.name} is missing")
-    unet_config = parse_model_cfg(model.get("model_cfg", {}), config_file)
+    unet_config = parse_model_cfg(cfg, where)
     # The text and VAE configs are read off tensor shapes; both files are memory-mapped, so this reads little.
     clip_state = read_torch(files["text_encoder"])
     text_config = openclip_text_config(clip_state, files["text_encoder"])
     vae_state = _vae_state(files["vae"])
     vae_config = ldm_vae_config(vae_state, files["vae"])
-    config = ModelConfig(
-        unet=unet_config,
-        text_encoder=text_config,
-        vae=vae_config,
-        defaults=Defaults(frames=int(args.get("max_frames", 16))),
-    )
+    with config_file(folder):
+        config = ModelConfig(unet=unet_config, text_encoder=text_config, vae=vae_config, defaults=Defaults(max_frames))
     readers = {
         # torch files are memory-mapped; load_into casts them one tensor at a time.
         "unet": lambda dtype=None: convert_modelscope_unet(read_torch(files["unet"]), unet_config),

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cinematic.errors import CinematicError
+from cinematic.models.checks import config_file
 from cinematic.models.components import COMPONENTS, ModelConfig
 from cinematic.tokenizer import Tokenizer
 from cinematic.weights.files import StateDict, read_json, read_safetensors
@@ -25,7 +26,8 @@ MODEL_JSON = "model.json"
 
 def read_native(folder: Path) -> Source:
     data = read_json(folder / MODEL_JSON)
-    config = ModelConfig.from_dict(data)
+    with config_file(folder / MODEL_JSON):
+        config = ModelConfig.from_dict(data)
     files = {c: folder / f"{c}.safetensors" for c in COMPONENTS}
     for path in files.values():
         if not path.is_file():
