@@ -35,7 +35,12 @@ class Scrubber:
         spelled.sort(key=lambda pair: len(pair[0]), reverse=True)  # the uploads folder before the data folder
         # A relative folder ("data") is replaced only where a path follows it, so the word in prose stays.
         self._places = [
-            (re.compile(r"(?<![\w.@+-])" + re.escape(form) + ("" if form.startswith("/") else "(?=/)") + _REST), words)
+            (
+                re.compile(
+                    r"(?<![\w.@+-])" + re.escape(form) + ("(?![\\w.@+-])" if form.startswith("/") else "(?=/)") + _REST
+                ),
+                words,
+            )
             for form, words in spelled
         ]
 

@@ -158,7 +158,8 @@ class Worker(threading.Thread):
             self._store_fault("cannot claim a job", error)
             job = None
         else:
-            self._store_fault(None)
+            if not self._unrecorded:  # a fault that keeps an outcome unrecorded is not over yet
+                self._store_fault(None)
         if job is None:
             self._wake.wait(POLL_SECONDS)
             return
@@ -252,7 +253,7 @@ class Worker(threading.Thread):
                 self._store_fault(f"cannot record {job_id} as {outcome.status}", error)
                 return  # the store still refuses: the rest wait for the next turn
             del self._unrecorded[job_id]
-            self._store_fault(None)
+        self._store_fault(None)
 
     def _write(self, job_id: str, outcome: _Outcome) -> None:
         """One outcome into the store. Repeating it after a failure is harmless: each move is a compare-and-set."""
