@@ -7,28 +7,25 @@ transaction, and generation happens on the workers' threads, never in a request.
 built at run time (see ``schemas.request_model``).
 """
 
-import hmac
 import math
-from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from cinematic import __version__
 from cinematic.errors import CinematicError
 from cinematic.serve import metrics
+from cinematic.serve.errors import KEY_REQUIRED, ApiError, add_error_handlers, documented
 from cinematic.serve.files import MEDIA_TYPES
+from cinematic.serve.gate import Gate, authorized
 from cinematic.serve.schemas import (
-    ErrorResponse,
     Health,
     VideoDeleted,
     VideoJob,
@@ -49,30 +46,6 @@ DESCRIPTION = """Text to video as a job queue. `POST /v1/videos` queues a job an
 (mp4, or `?variant=webm|gif`). Jobs survive restarts: one that was running starts again with the same seed."""
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": {...}}`` with this status."""
-
-    def __init__(
-        self, status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
-
-
-ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    text = {
-        401: "The API key is missing or wrong (only when the server has one).",
-        404: "No such video (or it was deleted).",
-        409: "The video is not in a state that allows this.",
-        422: "A field is invalid; `error.param` names it.",
-        429: "The queue is full; retry after `Retry-After` seconds.",
-    }
-    return {status: {"model": ErrorResponse, "description": text[status]} for status in statuses}
-
-
 def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     """The application; opens (or takes) the :class:`Service`, and starts its workers when the server starts."""
     service = service or Service(settings)
@@ -87,7 +60,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     app = FastAPI(title="cinematic", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
-    _add_error_handlers(app)
+    app.add_middleware(Gate, api_key=settings.api_key, max_body=settings.body_limit)
+    add_error_handlers(app, service.scrub)
     app.include_router(_api(settings, service))
     _add_server_routes(app, settings, service)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -95,20 +69,14 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
 
 def _authorizer(settings: Settings) -> Any:
+    """The key check as a dependency, so that the schema declares it; ``gate.Gate`` has already made it, before
+    the body was read."""
     bearer = HTTPBearer(auto_error=False, description="Only when the server was started with an API key.")
     key = settings.api_key.encode() if settings.api_key else None
 
-    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if key is None:
-            return
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, key):  # constant time: the comparison leaks nothing about the key
-            raise ApiError(
-                401,
-                "a valid API key is required: send the header Authorization: Bearer <key>",
-                "invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    def authorize(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if key is not None and not authorized(request.headers.get("authorization"), key):
+            raise ApiError(401, KEY_REQUIRED, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     return authorize
 
@@ -118,7 +86,9 @@ def _api(settings: Settings, service: Service) -> APIRouter:
     VideoCreate = request_model(settings.limits, model.name, model.facts)  # noqa: N806 - a class
     router = APIRouter(prefix="/v1", dependencies=[Depends(_authorizer(settings))], tags=["videos"])
 
-    @router.post("/videos", response_model=VideoJob, responses=_errors(401, 422, 429), summary="Queue a video")
+    @router.post(
+        "/videos", response_model=VideoJob, responses=documented(401, 413, 422, 429, 503), summary="Queue a video"
+    )
     def create_video(body: VideoCreate) -> dict[str, Any]:  # type: ignore[valid-type]
         params = _params(body, model, service, settings.limits)
         try:
@@ -137,7 +107,9 @@ def _api(settings: Settings, service: Service) -> APIRouter:
             raise
         return _view(service, job)
 
-    @router.get("/videos", response_model=VideoList, responses=_errors(401, 422), summary="List videos, newest first")
+    @router.get(
+        "/videos", response_model=VideoList, responses=documented(401, 422), summary="List videos, newest first"
+    )
     def list_videos(
         limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
         after: Annotated[str | None, Query(max_length=64, description="The last id of the previous page.")] = None,
@@ -150,7 +122,9 @@ def _api(settings: Settings, service: Service) -> APIRouter:
         first, last = (jobs[0].id, jobs[-1].id) if jobs else (None, None)
         return {"data": data, "first_id": first, "last_id": last, "has_more": has_more}
 
-    @router.get("/videos/{video_id}", response_model=VideoJob, responses=_errors(401, 404), summary="Get a video job")
+    @router.get(
+        "/videos/{video_id}", response_model=VideoJob, responses=documented(401, 404), summary="Get a video job"
+    )
     def get_video(video_id: str) -> dict[str, Any]:
         return _view(service, _find(service, video_id))
 
@@ -160,7 +134,7 @@ def _api(settings: Settings, service: Service) -> APIRouter:
         responses={
             200: {"content": {media: {} for media in MEDIA_TYPES.values()}, "description": "The video file."},
             206: {"description": "Part of the file, for a Range request."},
-            **_errors(401, 404, 409, 422),
+            **documented(401, 404, 409, 422),
         },
         summary="Download the video (Range requests supported)",
     )
@@ -181,17 +155,19 @@ def _api(settings: Settings, service: Service) -> APIRouter:
     @router.delete(
         "/videos/{video_id}",
         response_model=VideoJob | VideoDeleted,
-        responses=_errors(401, 404, 409),
+        responses=documented(401, 404, 409, 503),
         summary="Cancel a queued or running video, or delete a finished one with its files",
     )
     def delete_video(video_id: str) -> dict[str, Any]:
+        if ID_PATTERN.fullmatch(video_id) and service.finish_delete(video_id):  # a DELETE cut short by a fault
+            return {"id": video_id, "object": "video.deleted", "deleted": True}
         job = _find(service, video_id)
         if job.status in ("queued", "in_progress"):
             if service.cancel(job.id):
                 return _view(service, _find(service, job.id))
             # It finished between the read and the cancel: deleting it now would surprise the caller.
             raise ApiError(409, f"{job.id} finished before it could be cancelled; delete it again", "conflict")
-        if not service.delete(job.id):
+        if not service.delete(job):
             raise ApiError(404, f"no video {video_id!r}", "not_found", param="video_id")
         return {"id": job.id, "object": "video.deleted", "deleted": True}
 
@@ -217,7 +193,7 @@ def _view(service: Service, job: Job) -> dict[str, Any]:
         "created_at": job.created_at,
         "started_at": job.started_at,
         "completed_at": job.completed_at,
-        "error": {"code": "generation_failed", "message": job.error} if job.error else None,
+        "error": {"code": "generation_failed", "message": service.scrub(job.error)} if job.error else None,
         **with_old_names(values),
         "prompt": "" if s.prompt is None else s.prompt,  # "" beside a prompt_schedule, as the first API had it
         "model": p.model,
@@ -333,26 +309,40 @@ def _add_server_routes(app: FastAPI, settings: Settings, service: Service) -> No
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz", response_model=Health, tags=["server"], summary="Liveness, the model, defaults and limits")
-    def healthz() -> dict[str, Any]:
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "A worker is dead or stuck: restart the server."}},
+        tags=["server"],
+        summary="Liveness of each worker, the model, defaults and limits",
+    )
+    def healthz() -> JSONResponse:
         m = service.model
-        return {
+        healthy, workers = service.health()
+        body = {
+            "status": "ok" if healthy else "unhealthy",
             "model": m.name,
-            "workers": [{"device": w.device, "busy": w.busy} for w in service.workers],
+            "workers": workers,
             "queued": service.store.counts()["queued"],
             "auth": settings.api_key is not None,
             "defaults": _defaults(m.facts),
-            "limits": {**vars(settings.limits), "min_size": m.facts.min_size, "max_queue": settings.max_queue},
+            "limits": {
+                **vars(settings.limits),
+                "min_size": m.facts.min_size,
+                "max_queue": settings.max_queue,
+                "max_body": settings.body_limit,
+            },
             "bounds": {name: list(b) for name, b in setting_bounds(settings.limits, m.facts).items()},
             "samplers": _samplers(),
             "loras": service.inputs.loras(),
         }
+        return JSONResponse(Health(**body).model_dump(), status_code=200 if healthy else 503)
 
     @app.get(
         "/metrics",
         response_class=Response,
         dependencies=[Depends(authorize)],
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}, **_errors(401)},
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}, **documented(401)},
         tags=["server"],
         summary="Prometheus metrics: queue depth, jobs by status, generation seconds",
     )
@@ -371,44 +361,3 @@ def _samplers() -> list[str]:
     from cinematic.diffusion import SAMPLERS
 
     return list(SAMPLERS)
-
-
-# --- errors ------------------------------------------------------------------------------------------------
-
-
-def _error_body(message: str, status: int, code: str | None, param: str | None = None) -> dict[str, Any]:
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        body = _error_body(error.message, error.status, error.code, error.param)
-        return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = [_problem(e) for e in error.errors()]
-        message = "; ".join(f"{field}: {text}" if field else text for field, text in problems)
-        param = next((field for field, _ in problems if field), None)
-        return JSONResponse(_error_body(message, 422, "invalid_value", param), status_code=422)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        body = _error_body(str(error.detail), error.status_code, None)
-        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
-
-
-def _problem(error: dict[str, Any]) -> tuple[str | None, str]:
-    """(field, message) of one pydantic error, in words a client can act on."""
-    where: Sequence[Any] = error.get("loc", ())
-    field = ".".join(str(part) for part in where[1:]) or None
-    kind, text = error.get("type"), str(error.get("msg", "is invalid"))
-    if kind == "json_invalid":
-        return None, "the request body is not valid JSON"
-    if kind == "missing":
-        return field, "is required" if field else "a JSON body is required"
-    if kind == "extra_forbidden":
-        return field, "is not a field of this request"
-    return field, text.removeprefix("Value error, ")

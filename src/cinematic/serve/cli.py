@@ -61,6 +61,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     _flag(
         parser, "--lora-dir", "lora_dir", "folder of LoRA adapters that requests may name (NAME.safetensors or NAME/)"
     )
+    _flag(
+        parser,
+        "--max-body",
+        "max_body",
+        "bytes of a request body; beyond it a 413, checked after the API key and before the body is read",
+        "base64 of two --max-upload files plus 1 MiB",
+        type=int,
+    )
     limits = parser.add_argument_group("limits per request (a breach is a 422 naming the field)")
     _flag(limits, "--max-frames", "max_frames", "frames", type=int)
     _flag(limits, "--max-size", "max_size", "pixels per side", type=int)
@@ -82,6 +90,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     given["devices"] = tuple(given["devices"]) if given["devices"] else None
     settings = resolve(given)
     check_exposure(settings)
+    from cinematic.serve.service import check_device
+
+    for device in settings.devices:  # before the port is bound: a bad device is one line, exit 2
+        check_device(device)
     try:
         import uvicorn
     except ImportError as error:

@@ -37,11 +37,18 @@ class Files:
             raise ValueError(f"not a job file: {job_id!r} {variant!r}")
         return self.folder / f"{job_id}.{variant}"
 
-    def remove(self, job_id: str) -> None:
-        for variant in VARIANTS:
+    def remove(self, job_id: str, keep_mp4: bool = False) -> None:
+        """Remove the job's files: the variants first, the mp4 last (unless ``keep_mp4``)."""
+        for variant in VARIANTS[::-1]:
+            if variant == "mp4" and keep_mp4:
+                continue
             self.path(job_id, variant).unlink(missing_ok=True)
             with self._locks_lock:
                 self._locks.pop((job_id, variant), None)
+
+    def left(self, job_id: str) -> bool:
+        """Whether any file of the job is on disk."""
+        return any(self.path(job_id, variant).exists() for variant in VARIANTS)
 
     def variant(self, job_id: str, variant: str) -> Path | None:
         """The job's video in ``variant``, made from its mp4 on first request; None if the mp4 is gone.

@@ -174,7 +174,9 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "unhealthy"] = Field(
+        "ok", description="unhealthy (with HTTP 503): a worker is dead or stuck."
+    )
     model: str
     workers: list[dict[str, Any]]
     queued: int

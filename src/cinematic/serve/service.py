@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cinematic.errors import CinematicError
+from cinematic.serve.faults import Scrubber
 from cinematic.serve.files import Files, Inputs
 from cinematic.serve.metrics import Histogram
 from cinematic.serve.settings import Settings
 from cinematic.serve.store import Job, Params, Store
-from cinematic.serve.worker import Worker
+from cinematic.serve.worker import HEALTHY, Worker
 from cinematic.settings import ModelFacts
 
 if TYPE_CHECKING:
@@ -39,6 +41,10 @@ class ModelInfo:
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
+        devices = settings.devices or _default_devices()
+        for device in devices:
+            check_device(device)
+        self.scrub = _scrubber(settings)
         self.store = Store(settings.data)
         try:
             requeued, failed = self.store.recover(MAX_ATTEMPTS)
@@ -55,7 +61,6 @@ class Service:
             if orphans:
                 log.warning("removed %d upload(s) that no job refers to (left by a stopped server)", orphans)
             self.generation = Histogram()
-            devices = settings.devices or _default_devices()
             self.workers = [
                 Worker(
                     device,
@@ -64,6 +69,7 @@ class Service:
                     self.files,
                     self.generation,
                     self.inputs,
+                    self.scrub,
                 )
                 for device in devices
             ]
@@ -106,12 +112,26 @@ class Service:
             worker.cancel(job_id)
         return True
 
-    def delete(self, job_id: str) -> bool:
-        job = self.store.get(job_id)
-        if job is None or not self.store.delete(job_id):
+    def delete(self, job: Job) -> bool:
+        """Delete a finished job and its files; False if it is not finished (or already deleted).
+
+        A storage fault can stop this at any point and raises; what is left agrees with the row, and calling it
+        again (or :meth:`finish_delete`, once the row is a tombstone) finishes the work. The uploads and the
+        gif/webm variants go first (a finished job needs neither), then the row becomes a tombstone (the commit
+        point), then the mp4: so a completed job always has its mp4.
+        """
+        self.inputs.remove(job.params.init_video, job.params.init_image)
+        self.files.remove(job.id, keep_mp4=True)
+        if not self.store.delete(job.id):
+            return False
+        self.files.remove(job.id)
+        return True
+
+    def finish_delete(self, job_id: str) -> bool:
+        """Remove what a storage fault left of a deleted job (its mp4); True if there was something to remove."""
+        if not self.store.deleted(job_id) or not self.files.left(job_id):
             return False
         self.files.remove(job_id)
-        self.inputs.remove(job.params.init_video, job.params.init_image)
         return True
 
     def content(self, job_id: str, variant: str) -> str | None:
@@ -129,6 +149,11 @@ class Service:
         if job.status == "in_progress":
             return next((p for w in self.workers if (p := w.progress(job.id)) is not None), 0)
         return 0
+
+    def health(self) -> tuple[bool, list[dict]]:
+        """Whether every worker is alive and making progress, and each worker's state (``Worker.health``)."""
+        workers = [worker.health() for worker in self.workers]
+        return all(w["state"] in HEALTHY for w in workers), workers
 
     @property
     def busy_workers(self) -> int:
@@ -150,10 +175,50 @@ def configure_process(settings: Settings) -> None:
 
     from cinematic.allocator import keep_freed_memory
 
+    devices = settings.devices or _default_devices()
+    for device in devices:
+        check_device(device)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    if any(torch.device(device).type == "cpu" for device in settings.devices or _default_devices()):
+    if any(torch.device(device).type == "cpu" for device in devices):
         keep_freed_memory()
+
+
+def check_device(device: str) -> None:
+    """Refuse, in one line, a device that torch does not know or this machine does not have."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CinematicError(f"device {device!r}: not a device name (cpu, cuda, cuda:N or mps)") from None
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CinematicError(f"device {device!r}: this torch build or machine has no CUDA device; use cpu")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise CinematicError(
+                f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif kind.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CinematicError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    elif kind.type != "cpu":
+        raise CinematicError(f"device {device!r}: the server runs on cpu, cuda, cuda:N or mps")
+
+
+def _scrubber(settings: Settings) -> Scrubber:
+    """What job errors and API messages say in place of the server's folders."""
+    model = Path(settings.model).expanduser()
+    return Scrubber(
+        [
+            (settings.data / "uploads", "the upload"),
+            (settings.data / "videos", "the video file"),
+            (settings.data, "the data folder"),
+            (model if model.is_dir() else None, "the model folder"),
+            (settings.lora_dir, "the LoRA folder"),
+        ]
+    )
 
 
 def _default_devices() -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,19 @@ class Settings:
     log_level: str = "info"
     lora_dir: Path | None = None  # LoRA adapters requests may name: <lora_dir>/<name>.safetensors or <name>/
     limits: Limits = field(default_factory=Limits)
+    max_body: int | None = None  # bytes of a request body, beyond which it is a 413; None: see body_limit
+
+    @property
+    def body_limit(self) -> int:
+        """``max_body``, or room for a request with both uploads at ``max_upload``: base64 makes 4 bytes of 3,
+        and JSON_ROOM is ample for the prompts and every other field (JSON-escaped)."""
+        if self.max_body is not None:
+            return self.max_body
+        return UPLOAD_FIELDS * 4 * math.ceil(self.limits.max_upload / 3) + JSON_ROOM
+
+
+UPLOAD_FIELDS = 2  # init_video and init_image
+JSON_ROOM = 2**20
 
 
 def _int(text: str) -> int:
@@ -94,6 +108,7 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "threads": ("CINEMATIC_THREADS", _positive),
     "log_level": ("CINEMATIC_LOG_LEVEL", _choice(*LOG_LEVELS)),
     "lora_dir": ("CINEMATIC_LORA_DIR", Path),
+    "max_body": ("CINEMATIC_MAX_BODY", _positive),
     "max_frames": ("CINEMATIC_MAX_FRAMES", _positive),
     "max_size": ("CINEMATIC_MAX_SIZE", _positive),
     "max_steps": ("CINEMATIC_MAX_STEPS", _positive),

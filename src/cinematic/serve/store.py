@@ -208,16 +208,27 @@ class Store:
             return _job(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def claim(self) -> Job | None:
-        """The oldest queued job, now ``in_progress`` and owned by the caller; None when the queue is empty."""
+        """The oldest queued job, now ``in_progress`` and owned by the caller; None when the queue is empty.
+
+        A row that cannot be read back as a job (written by hand, or by another version) is failed, not returned:
+        left queued, it would be claimed again at every turn and hold up every job behind it."""
         with self._transaction() as db:
-            row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY n LIMIT 1").fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE jobs SET status = 'in_progress', started_at = ?, attempts = attempts + 1 WHERE id = ?",
-                (_now(), row[0]),
-            )
-            return _job(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone())
+            while True:
+                row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY n LIMIT 1").fetchone()
+                if row is None:
+                    return None
+                db.execute(
+                    "UPDATE jobs SET status = 'in_progress', started_at = ?, attempts = attempts + 1 WHERE id = ?",
+                    (_now(), row[0]),
+                )
+                try:
+                    return _job(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone())
+                except (ValueError, TypeError, KeyError, CinematicError) as error:
+                    message = f"its stored settings cannot be read ({type(error).__name__}); it was not run"
+                    db.execute(
+                        "UPDATE jobs SET status = 'failed', completed_at = ?, error = ? WHERE id = ?",
+                        (_now(), message, row[0]),
+                    )
 
     def complete(self, job_id: str, seconds: float) -> bool:
         """Mark a running job completed (its file must be in place); False if it was cancelled meanwhile."""
@@ -254,6 +265,10 @@ class Store:
             return cursor.rowcount == 1
 
     # --- reading ---------------------------------------------------------------------------------------------
+
+    def deleted(self, job_id: str) -> bool:
+        """Whether ``job_id`` is a deleted job's tombstone."""
+        return bool(self._query("SELECT 1 FROM jobs WHERE id = ? AND status = ?", (job_id, _DELETED)))
 
     def get(self, job_id: str) -> Job | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM jobs WHERE id = ? AND status != ?", (job_id, _DELETED))
