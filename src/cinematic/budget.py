@@ -52,8 +52,7 @@ class Budget:
     def check_bytes(self, size: int, what: str) -> None:
         """``what`` (some frames), ``size`` bytes once decoded, fits in ``max_bytes``."""
         if size > self.max_bytes:
-            limit = self.max_bytes / 2**20
-            raise CinematicError(f"{what} decode to {size / 2**20:,.0f} MiB, over the limit of {limit:,.0f} MiB")
+            raise CinematicError(f"{what} decode to {_bytes(size)}, over the limit of {_bytes(self.max_bytes)}")
 
     def check_declared(self, count: int | None, width: int, height: int, num_frames: int | None) -> None:
         """What a file declares (``count`` frames, None when it does not say) against the budget of a read of its
@@ -86,6 +85,10 @@ class Budget:
         """``max_pixels`` in words: ``4096x4096`` for a square number."""
         side = math.isqrt(self.max_pixels)
         return f"{side}x{side}" if side * side == self.max_pixels else f"{self.max_pixels:,}"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 DEFAULT = Budget()
