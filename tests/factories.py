@@ -301,3 +301,45 @@ def make_modelscope_folder(folder: Path, with_tokenizer: bool = True) -> Path:
     }
     (folder / "configuration.json").write_text(json.dumps(configuration, indent=2))
     return folder
+
+
+# --- hostile pictures: tiny files that declare huge frames (issue 23) ------------------------------------------
+
+
+def bomb_gif(width: int = 16000, height: int = 16000, frames: int = 1) -> bytes:
+    """A GIF whose logical screen is ``width`` x ``height`` and whose ``frames`` images are 1x1 pixel: 43 bytes for
+    one frame, and a decoder that trusts it allocates the whole canvas (16000x16000 RGBA: 1 GB) for every frame."""
+    import struct
+
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"  # 2-colour table
+    delay = b"\x21\xf9\x04\x00\x0a\x00\x00\x00"  # graphic control extension: 10 cs per frame
+    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"  # 1x1, LZW min code size 2
+    return b"GIF89a" + screen + (delay + image) * frames + b"\x3b"
+
+
+def bomb_png(width: int = 16000, height: int = 16000) -> bytes:
+    """A 68-byte PNG whose header declares ``width`` x ``height`` RGB (768 MB at 16000x16000) and holds 10 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def bomb_webp(side: int = 16000) -> bytes:
+    """An animated WebP of two 4x4 frames whose canvas (VP8X) declares ``side`` x ``side``."""
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"VP8X"  # RIFF, size, WEBP, then the extended header: flags, 3 reserved, w-1, h-1
+    data[24:27] = data[27:30] = (side - 1).to_bytes(3, "little")
+    return bytes(data)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -114,14 +118,46 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _device(args: argparse.Namespace) -> str:
-    """The device to run on, checked with the acceleration flags."""
+    """The device to run on, checked (it exists, and this torch can use it) with the acceleration flags."""
     import torch
 
     from cinematic.pipeline import check_acceleration
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        allowed = ", ".join(_DEVICE_CHECKS)
+        raise CinematicError(f"--device: unknown device {device!r}; allowed: {allowed}, cuda:N") from None
+    if kind not in _DEVICE_CHECKS:
+        raise CinematicError(f"--device: cannot generate on {device!r}; allowed: {', '.join(_DEVICE_CHECKS)}, cuda:N")
+    problem = _DEVICE_CHECKS[kind](torch.device(device))
+    if problem:
+        raise CinematicError(f"--device {device}: {problem}; use --device cpu")
     check_acceleration(args.compile, args.cuda_graphs, device)
     return device
+
+
+def _cuda_problem(device: Any) -> str | None:
+    import torch
+
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) was built without CUDA"
+    count = torch.cuda.device_count()
+    if count == 0:
+        return "no CUDA device is available"
+    if device.index is not None and device.index >= count:
+        return f"there is no CUDA device {device.index} (this machine has {count})"
+    return None
+
+
+def _mps_problem(device: Any) -> str | None:
+    import torch
+
+    return None if torch.backends.mps.is_available() else "MPS (Apple's GPU) is not available"
+
+
+_DEVICE_CHECKS = {"cpu": lambda device: None, "cuda": _cuda_problem, "mps": _mps_problem}  # kind -> problem or None
 
 
 def _load_pipeline(args: argparse.Namespace, device: str, loras: list[tuple[str, float]]) -> Any:
@@ -154,7 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device = _device(args)
     if settings.get("strength") is not None and args.init_video is None:
         raise CinematicError("--strength applies to --init-video only")
-    pictures = load_pictures(args.init_video, args.init_image)  # read and checked before the model loads
+    # Read and checked before the model loads; of an init video, only the frames the call uses.
+    pictures = load_pictures(args.init_video, args.init_image, settings.get("num_frames"))
     loras = _lora_specs(args.lora)
     settings["seed"] = random_seed() if args.seed is None else args.seed
     paths = _output_paths(args.output, args.prompt, settings["seed"], args.num_videos)
@@ -277,16 +314,42 @@ def _version() -> str:
     return __version__
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as Ctrl-C does: temporary files are removed."""
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise _Terminated
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the command runs, SIGTERM unwinds it as Ctrl-C does; the previous handler is restored after. The
+    entry point does this, not the library (a library call does not change the process)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, --version, or a bad argument (already reported in one line)
         return int(done.code or 0)
     try:
-        args.run(args)
+        with _sigterm_unwinds():
+            args.run(args)
     except CinematicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("terminated; no output file was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted; no output file was written", file=sys.stderr)
         return 130

@@ -173,6 +173,9 @@ class Pipeline:
         video = pictures.video if pictures is not None else None
         given = settings_from({"prompt": prompts[0], **settings})
         resolved = given.resolve(self.facts, None if video is None else len(video), restyling=video is not None)
+        if video is not None and len(video) < resolved.num_frames:  # refused here, not once the model has run
+            raise SettingError("num_frames", f"the init video has {len(video)} frames, fewer than the "
+                                             f"{resolved.num_frames} requested")  # fmt: skip
         seeds = video_seeds(resolved.seed, len(prompts) * num_videos, same_seed)
         return Request(prompts, resolved, num_videos, tuple(seeds))
 

@@ -245,10 +245,23 @@ def check(name: str, value: Any, high: float | None = None) -> Any:
     if ok and k is str:
         ok = (bool(value.strip()) or not s.nonblank) and (s.choices is None or value in s.choices)
         ok = ok and (s.max_length is None or len(value) <= s.max_length)
+    if ok and k is str:
+        _check_utf8(name, value)
     if not ok:
         shown = value if not isinstance(value, str) or len(value) < 80 else f"{value[:40]}... ({len(value)} characters)"
         raise SettingError(name, f"must be {s.allowed(k, high=high)}, not {shown!r}")
     return value
+
+
+def _check_utf8(name: str, text: str) -> None:
+    """Text must be encodable as UTF-8 (it is stored in file metadata and sent as JSON). Python keeps a command-line
+    byte that is not UTF-8 as a lone surrogate (U+DC80 to U+DCFF, "surrogateescape"); name that byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        char = text[error.start]
+        what = f"the byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+        raise SettingError(name, f"must be UTF-8 text, not {what} at character {error.start + 1}") from None
 
 
 def _is(k: type, value: Any) -> bool:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cinematic.budget import DEFAULT as DEFAULT_BUDGET
+from cinematic.budget import RGB_BYTES, Budget
 from cinematic.errors import CinematicError
 
 if TYPE_CHECKING:
@@ -112,30 +114,42 @@ def write(
     kind = _kind(path)
     frames, rate, metadata = _as_frames(frames), _rate(fps), dict(metadata or {})
     tags = {_METADATA_TAG: json.dumps(metadata, ensure_ascii=False)}  # fails here, before any file exists
-    if kind == "png":
-        _write_frames_folder(target, frames, float(rate), metadata)
-    else:
-        _write_file(target, _ENCODINGS[kind], frames, rate, tags)
+    try:
+        if kind == "png":
+            _write_frames_folder(target, frames, float(rate), metadata)
+        else:
+            _write_file(target, _ENCODINGS[kind], frames, rate, tags)
+    except OSError as error:  # a full disk, a quota, a folder removed mid-write (FFmpeg's write errors included)
+        raise CinematicError(f"cannot write {target}: {_one_line(error)}") from error
     return target
 
 
-def read(path: str | os.PathLike[str]) -> VideoData:
-    """Decode a video (any format FFmpeg reads), an animated webp, or a folder of PNG frames."""
-    source = Path(path).expanduser()
-    if source.is_dir():
-        return _read_frames_folder(source)
-    if not source.is_file():
-        raise CinematicError(f"no such video file: {source}")
-    if source.suffix.lower() == ".webp":
-        return _read_webp(source)
-    _require_av()
-    import av
+def read(path: str | os.PathLike[str], num_frames: int | None = None, budget: Budget = DEFAULT_BUDGET) -> VideoData:
+    """Decode a video (any format FFmpeg reads), an animated webp, or a folder of PNG frames.
 
+    Only the first ``num_frames`` frames are decoded (None: all). What the file declares (frame size, frame count,
+    duration) is checked against ``budget`` before any frame is decoded, and what is decoded is held to it too: a
+    file over it is a CinematicError naming the limit (see :mod:`cinematic.budget`).
+    """
+    source = Path(path).expanduser()
+    if not (source.is_dir() or source.is_file()):
+        raise CinematicError(f"no such video file: {source}")
     try:
-        with av.open(str(source)) as container:
-            return _decode(container)
-    except (av.error.FFmpegError, UnicodeDecodeError) as error:
-        raise CinematicError(f"cannot read video {source}: {_one_line(error)}") from error
+        if source.is_dir():
+            return _read_frames_folder(source, num_frames, budget)
+        budget.check_header(source)
+        if source.suffix.lower() == ".webp":
+            return _read_webp(source, num_frames, budget)
+        _require_av()
+        import av
+
+        try:
+            with av.open(str(source), options=budget.ffmpeg_options()) as container:
+                return _decode(container, num_frames, budget)
+        except (av.error.FFmpegError, UnicodeDecodeError) as error:
+            raise CinematicError(_one_line(error)) from error
+    except CinematicError as error:
+        raise CinematicError(f"cannot read video {source}: {error}") from error
 
 
 # --- paths and atomic replacement -----------------------------------------------------------------------
@@ -425,24 +439,46 @@ def _one_line(error: BaseException) -> str:
     return " ".join((getattr(error, "strerror", None) or str(error)).split())
 
 
-def _decode(container: Any) -> VideoData:
+def _decode(container: Any, num_frames: int | None, budget: Budget) -> VideoData:
     from av.video.reformatter import Interpolation
 
     if not container.streams.video:
-        raise CinematicError(f"{container.name} has no video stream")
+        raise CinematicError("it has no video stream")
     stream = container.streams.video[0]
-    rgb, timing = [], []
+    if not (stream.width and stream.height):  # the open's probe could not size a frame under the pixel limit
+        raise CinematicError(f"its frame size is unknown, or over the limit of {budget.frame_limit} pixels")
+    budget.check_declared(_declared_frames(stream), stream.width, stream.height, num_frames)
+    wanted = budget.frames_to_read(num_frames)
+    rgb, timing, decoded_bytes = [], [], 0
     # Converts with the matrix and chroma siting each frame is tagged with; swscale's defaults would
     # point-sample the chroma (see _yuv420_frames).
     to_rgb = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
     for frame in container.decode(stream):
+        if len(rgb) == wanted:
+            if num_frames is None:  # the whole video was asked for, and it is longer than the budget
+                budget.check_frames(wanted + 1)
+            break
+        budget.check_size(frame.width, frame.height)  # a stream may change size mid-way
+        decoded_bytes += frame.width * frame.height * RGB_BYTES
+        budget.check_bytes(decoded_bytes, f"its first {len(rgb) + 1} frames")
         rgb.append(frame.to_ndarray(format="rgb24", interpolation=to_rgb))
         timing.append((frame.pts, frame.duration))
     if not rgb:
-        raise CinematicError(f"{container.name} has no frames")
+        raise CinematicError("it has no frames")
     tags = {key.lower(): value for key, value in container.metadata.items()}  # matroska upper-cases keys
     frames = _crop_padding(np.stack(rgb), tags.get(_SIZE_TAG))
     return VideoData(frames, _stream_fps(stream, timing), _parse_metadata(tags))
+
+
+def _declared_frames(stream: Any) -> int | None:
+    """The frame count a stream's headers declare, or that its duration and rate imply; None if they do not say."""
+    if stream.frames:
+        return int(stream.frames)
+    duration = stream.duration * stream.time_base if stream.duration and stream.time_base else None
+    if duration is None and stream.container.duration:
+        duration = Fraction(stream.container.duration, 1_000_000)  # AV_TIME_BASE
+    rate = stream.average_rate or stream.guessed_rate
+    return math.ceil(duration * rate) if duration and rate else None
 
 
 def _stream_fps(stream: Any, timing: list[tuple[int | None, int | None]]) -> float:
@@ -456,7 +492,7 @@ def _stream_fps(stream: Any, timing: list[tuple[int | None, int | None]]) -> flo
         return _simplest_rate([t * tick for t in pts], tick)
     rate = stream.average_rate or stream.guessed_rate
     if rate is None:
-        raise CinematicError(f"cannot tell the frame rate of {stream.container.name}")
+        raise CinematicError("cannot tell its frame rate")
     return float(rate)
 
 
@@ -481,17 +517,21 @@ def _crop_padding(frames: np.ndarray, size_tag: str | None) -> np.ndarray:
     return frames[:, :height, :width]
 
 
-def _read_webp(source: Path) -> VideoData:
+def _read_webp(source: Path, num_frames: int | None, budget: Budget) -> VideoData:
     # FFmpeg (8.1) decodes still webp only, so animated webp is read with Pillow when it is installed.
     try:
-        from PIL import Image, ImageSequence
+        from PIL import Image
     except ImportError as error:
-        raise CinematicError(f"reading animated webp ({source}) needs Pillow: pip install pillow") from error
+        raise CinematicError("reading animated webp needs Pillow: pip install pillow") from error
+    pairs = []
     try:
-        with Image.open(source) as image:
-            pairs = [(np.asarray(f.convert("RGB")), f.info.get("duration", 0)) for f in ImageSequence.Iterator(image)]
-    except (OSError, ValueError) as error:
-        raise CinematicError(f"cannot read video {source}: {_one_line(error)}") from error
+        with Image.open(source) as image:  # reads the header only: the size was checked (check_header)
+            budget.check_declared(getattr(image, "n_frames", 1), *image.size, num_frames)
+            for index in range(min(getattr(image, "n_frames", 1), budget.frames_to_read(num_frames))):
+                image.seek(index)
+                pairs.append((np.asarray(image.convert("RGB")), image.info.get("duration", 0)))
+    except (OSError, ValueError, EOFError) as error:
+        raise CinematicError(_one_line(error)) from error
     # Frame i starts when the durations before it have passed; one frame's own duration is the only clue.
     durations_s = [duration / 1000 for _, duration in pairs]
     times = list(np.cumsum([0.0] + durations_s[: max(1, len(pairs) - 1)]))
@@ -499,31 +539,43 @@ def _read_webp(source: Path) -> VideoData:
     return VideoData(np.stack([rgb for rgb, _ in pairs]), fps, {})
 
 
-def _read_frames_folder(folder: Path) -> VideoData:
+def _read_frames_folder(folder: Path, num_frames: int | None, budget: Budget) -> VideoData:
     files = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _FRAME_NAME.fullmatch(p.name)))
     if not files:
-        raise CinematicError(f"{folder} holds no frame_NNNN.png files")
+        raise CinematicError("it holds no frame_NNNN.png files")
+    if num_frames is None:
+        budget.check_frames(len(files))
     _require_av()
     import av
 
+    frames, decoded_bytes = [], 0
     try:
-        frames = [read_image(path) for _, path in files]
-    except av.error.FFmpegError as error:
-        raise CinematicError(f"cannot read frames in {folder}: {_one_line(error)}") from error
+        for _, path in files[: budget.frames_to_read(num_frames)]:
+            frames.append(read_image(path, budget))
+            decoded_bytes += frames[-1].nbytes
+            budget.check_bytes(decoded_bytes, f"its first {len(frames)} frames")
+    except (av.error.FFmpegError, StopIteration, IndexError) as error:
+        raise CinematicError(f"cannot read its frames: {_one_line(error)}") from error
     if len({frame.shape for frame in frames}) > 1:
-        raise CinematicError(f"frames in {folder} differ in size")
+        raise CinematicError("its frames differ in size")
     info_path = folder / _FOLDER_METADATA
     try:
         info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CinematicError(f"cannot parse {info_path}: {_one_line(error)}") from error
+        raise CinematicError(f"cannot parse {info_path.name}: {_one_line(error)}") from error
     return VideoData(np.stack(frames), float(info.get("fps", _DEFAULT_FPS)), dict(info.get("metadata", {})))
 
 
-def read_image(path: Path) -> np.ndarray:
-    """uint8 ``[H, W, 3]``: the first picture FFmpeg decodes from ``path`` (a PNG, a JPEG, a video's first frame).
-    FFmpeg's own errors, and StopIteration for a file without a picture, are left to the caller to word."""
+def read_image(path: Path, budget: Budget = DEFAULT_BUDGET) -> np.ndarray:
+    """uint8 ``[H, W, 3]``: the first picture FFmpeg decodes from ``path`` (a PNG, a JPEG, a video's first frame),
+    its declared size checked against ``budget`` first (a CinematicError naming the limit). FFmpeg's own errors,
+    and StopIteration or IndexError for a file without a picture, are left to the caller to word."""
     import av
 
-    with av.open(str(path)) as container:
-        return next(container.decode(video=0)).to_ndarray(format="rgb24")
+    budget.check_header(path)
+    with av.open(str(path), options=budget.ffmpeg_options()) as container:
+        stream = container.streams.video[0]
+        if not (stream.width and stream.height):  # the open's probe could not size a frame under the limit
+            raise CinematicError(f"its frame size is unknown, or over the limit of {budget.frame_limit} pixels")
+        budget.check_size(stream.width, stream.height)
+        return next(container.decode(stream)).to_ndarray(format="rgb24")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cinematic.budget import DEFAULT as DEFAULT_BUDGET
+from cinematic.budget import Budget
 from cinematic.errors import CinematicError
 from cinematic.generation.noise import initial_noise, latent_shape
 
@@ -52,8 +54,9 @@ def _as_uint8(value: np.ndarray | Tensor, what: str, ndim: int) -> Tensor:
     return frames.cpu()
 
 
-def load_video(source: PathOrFrames) -> Tensor:
-    """uint8 ``[F, H, W, 3]`` from a file or folder :func:`cinematic.video.read` reads, or from frames as given."""
+def load_video(source: PathOrFrames, num_frames: int | None = None, budget: Budget = DEFAULT_BUDGET) -> Tensor:
+    """uint8 ``[F, H, W, 3]`` from a file or folder :func:`cinematic.video.read` reads, or from frames as given. Of a
+    file, only the first ``num_frames`` frames (None: all) are decoded, within ``budget`` (:mod:`cinematic.budget`)."""
     if isinstance(source, str | os.PathLike):
         from cinematic import video
 
@@ -61,15 +64,16 @@ def load_video(source: PathOrFrames) -> Tensor:
         if not path.exists():
             raise CinematicError(f"no such init video: {path}")
         try:
-            return _as_uint8(video.read(path).frames, "init video", 4)
+            return _as_uint8(video.read(path, num_frames, budget).frames, "init video", 4)
         except CinematicError as error:
-            raise CinematicError(f"cannot read init video {path}: {error}") from error
+            detail = str(error).removeprefix(f"cannot read video {path}: ")
+            raise CinematicError(f"cannot read init video {path}: {detail}") from error
     return _as_uint8(source, "init video", 4)
 
 
-def load_image(source: PathOrFrames) -> Tensor:
-    """uint8 ``[H, W, 3]`` from an image file (PNG, JPEG, anything FFmpeg decodes; the first frame of a video), or
-    from an array as given."""
+def load_image(source: PathOrFrames, budget: Budget = DEFAULT_BUDGET) -> Tensor:
+    """uint8 ``[H, W, 3]`` from an image file (PNG, JPEG, anything FFmpeg decodes; the first frame of a video), its
+    declared size checked against ``budget`` before it is decoded, or from an array as given."""
     if isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -77,7 +81,7 @@ def load_image(source: PathOrFrames) -> Tensor:
         from cinematic import video
 
         try:
-            rgb = video.read_image(path)  # the reader of PNG-folder frames: the first picture FFmpeg decodes
+            rgb = video.read_image(path, budget)  # the reader of PNG-folder frames: the first picture FFmpeg decodes
         except Exception as error:  # FFmpeg's errors, StopIteration for a file without a picture, missing PyAV
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CinematicError(f"cannot read init image {path}: {detail}") from error
@@ -170,14 +174,21 @@ class Pictures:
     image: Tensor | None = None
 
 
-def load_pictures(init_video: PathOrFrames | None, init_image: PathOrFrames | None) -> Pictures | None:
+def load_pictures(
+    init_video: PathOrFrames | None,
+    init_image: PathOrFrames | None,
+    num_frames: int | None = None,
+    budget: Budget = DEFAULT_BUDGET,
+) -> Pictures | None:
+    """The pictures a call starts from, read within ``budget``; of an init video only the first ``num_frames``
+    frames (None: all), since no call uses more."""
     if init_video is not None and init_image is not None:
         raise CinematicError("give an init video or an init image, not both")
     if init_video is None and init_image is None:
         return None
     if init_video is not None:
-        return Pictures(video=load_video(init_video))
-    return Pictures(image=load_image(init_image))
+        return Pictures(video=load_video(init_video, num_frames, budget))
+    return Pictures(image=load_image(init_image, budget))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ built at run time (see ``schemas.request_model``).
 """
 
 import math
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -215,7 +216,8 @@ def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Pa
         for field in ("init_video", "init_image"):
             if getattr(body, field) is not None:
                 uploads[field] = service.inputs.save(_decode_upload(field, getattr(body, field), limits.max_upload))
-        pictures = _read_uploads(service, uploads)
+        wanted = min(given.get("num_frames") or limits.max_frames, limits.max_frames)  # no more frames are used
+        pictures = _read_uploads(service, uploads, wanted, limits)
         if pictures is not None and pictures.video is not None and "num_frames" not in given:
             given["num_frames"] = min(len(pictures.video), limits.max_frames)
         try:
@@ -286,14 +288,24 @@ def _decode_upload(field: str, text: str, limit: int) -> bytes:
     return data
 
 
-def _read_uploads(service: Service, uploads: dict[str, str]) -> Any:
+UPLOAD_BYTES = 512 * 2**20  # decoded RGB of one request's upload: 64 frames of 1920x1080 fit
+_decoding = threading.BoundedSemaphore(1)  # one upload decodes at a time, so all of them stay within one budget
+
+
+def _read_uploads(service: Service, uploads: dict[str, str], num_frames: int, limits: Limits) -> Any:
     """The uploads decoded, once, as the worker will read them (a ``cinematic.generation.pictures.Pictures`` or
-    None); a file that does not decode, or an init video sent with an init image, is a 422."""
+    None): of an init video only the first ``num_frames`` frames. What a file declares is checked against this
+    server's budget before anything is decoded (:mod:`cinematic.budget`), so a small file that declares a huge
+    canvas costs nothing; one over the budget, one that does not decode, or an init video sent with an init image
+    is a 422. Handlers run on the thread pool, never on the event loop."""
+    from cinematic.budget import Budget
     from cinematic.generation.pictures import load_pictures
 
     paths = {field: service.inputs.path(name) for field, name in uploads.items()}
+    budget = Budget(max_frames=limits.max_frames, max_bytes=UPLOAD_BYTES)
     try:
-        return load_pictures(paths.get("init_video"), paths.get("init_image"))
+        with _decoding:
+            return load_pictures(paths.get("init_video"), paths.get("init_image"), num_frames, budget)
     except CinematicError as error:
         message = str(error)
         for path in paths.values():

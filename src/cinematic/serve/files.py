@@ -155,8 +155,10 @@ class Inputs:
     def call_kwargs(self, params: Params) -> dict:
         """The file arguments of ``Pipeline.__call__`` for ``params``: pictures and adapters."""
         kwargs: dict = {}
-        if params.init_video is not None:
-            kwargs["init_video"] = self.path(params.init_video)
+        if params.init_video is not None:  # decoded here, as the request was checked: the first num_frames only
+            from cinematic.generation.pictures import load_video
+
+            kwargs["init_video"] = load_video(self.path(params.init_video), params.settings.num_frames)
         if params.init_image is not None:
             kwargs["init_image"] = self.path(params.init_image)
         if params.loras:
