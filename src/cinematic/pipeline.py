@@ -97,10 +97,8 @@ class Pipeline:
         self.reload_text_encoder: Callable[[], torch.nn.Module] | None = None  # set by from_pretrained
         self._fast_unet: Callable[..., torch.Tensor] | None = None  # compiled and/or recorded (accelerate)
         self._graphs: CUDAGraphs | None = None
-        # How calls spend memory unless they say (a one-shot caller such as the CLI also frees the text encoder),
-        # and whether a call that would not fit switches to Memory.low() or is refused before it starts.
-        self.memory = Memory.for_device(self.device)
-        self.check_memory = True
+        self.memory = Memory.for_device(self.device)  # unless a call says; the CLI also frees the text encoder
+        self.check_memory = True  # a call that would not fit goes low-memory or is refused before it starts
 
     @classmethod
     def from_pretrained(
