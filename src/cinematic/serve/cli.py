@@ -55,7 +55,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a device to run a worker on; repeat for several GPUs (default: every CUDA device, else cpu; "
         f"env {ENV['devices'][0]}, comma-separated)",
     )
-    _flag(parser, "--dtype", "dtype", "weights precision", "fp16 on CUDA, fp32 on CPU", choices=DTYPES)
+    _flag(
+        parser,
+        "--dtype",
+        "dtype",
+        "weights precision",
+        "fp16 on CUDA; on a CPU the files' own, fp32 compute",
+        choices=DTYPES,
+    )
     _flag(parser, "--threads", "threads", "torch CPU threads, set once for the server process", "torch's", type=int)
     _flag(parser, "--log-level", "log_level", "log level; info logs every request", choices=LOG_LEVELS)
     _flag(

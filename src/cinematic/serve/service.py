@@ -234,7 +234,9 @@ def _load(settings: Settings, device: str) -> Pipeline:
 
     from cinematic.pipeline import Pipeline
 
-    dtype = settings.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    log.info("loading %s on %s (%s)", settings.model, device, dtype)
-    return Pipeline.from_pretrained(settings.model, device=device, dtype=torch_dtype)
+    # No --dtype: the library's default (on a CPU, half-precision files stay half precision and compute in fp32).
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.dtype or "")
+    pipe = Pipeline.from_pretrained(settings.model, device=device, dtype=torch_dtype)
+    log.info("loaded %s on %s (stored %s, computing in %s)", settings.model, device, settings.dtype or "as its files",
+             str(pipe.dtype).removeprefix("torch."))  # fmt: skip
+    return pipe  # the text encoder stays loaded: every job encodes its prompts

@@ -38,7 +38,7 @@ class Settings:
     api_key: str | None = None
     max_queue: int = 256  # jobs waiting for a worker; one more gets 429
     devices: tuple[str, ...] = ()  # one worker per device; () picks every CUDA device, else the CPU
-    dtype: str | None = None  # fp32, fp16 or bf16; None: fp16 on CUDA, fp32 elsewhere
+    dtype: str | None = None  # fp32, fp16 or bf16; None: the library's default (Pipeline.from_pretrained)
     threads: int | None = None  # torch CPU threads of the process (service.configure_process); None: torch's
     log_level: str = "info"
     lora_dir: Path | None = None  # LoRA adapters requests may name: <lora_dir>/<name>.safetensors or <name>/
