@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from tests.devices import need_cuda
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
@@ -8,3 +10,11 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    """The CUDA device, for a test marked with ``tests.devices.cuda``: skips without one, or fails under
+    ``CINEMATIC_REQUIRE_CUDA=1``."""
+    need_cuda()
+    return torch.device("cuda")

@@ -13,11 +13,11 @@ from cinematic.cli import main
 from cinematic.errors import CinematicError
 from cinematic.models.cuda_graphs import CUDAGraphs
 from cinematic.pipeline import Pipeline
+from tests.devices import REQUIRE_CUDA, cuda, need_cuda
 from tests.factories import make_diffusers_folder
 
 PROMPT = "a red cat riding a horse on the beach"
 SMALL = dict(num_frames=3, height=32, width=32, steps=3, seed=5, progress=False)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,42 @@ def test_generate_rejects_bad_acceleration_settings(folder, tmp_path, capsys, ex
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_gpu_skips_or_fails_under_require_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(REQUIRE_CUDA, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="needs a CUDA device"):
+        need_cuda()
+    monkeypatch.setenv(REQUIRE_CUDA, "0")
+    with pytest.raises(pytest.skip.Exception):
+        need_cuda()
+    monkeypatch.setenv(REQUIRE_CUDA, "1")
+    with pytest.raises(pytest.fail.Exception, match="CINEMATIC_REQUIRE_CUDA=1 makes that an error"):
+        need_cuda()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    need_cuda()  # a GPU: nothing to skip or fail
+
+
+def test_require_cuda_fails_the_cuda_tests_without_a_gpu():
+    """The switch as a run on a GPU machine uses it: every CUDA test in this file, run under
+    CINEMATIC_REQUIRE_CUDA=1, fails without a GPU (and passes with one), where it would otherwise skip."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, REQUIRE_CUDA: "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", __file__],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout[-2000:]
+    else:
+        assert run.returncode == 1 and "3 errors" in run.stdout, run.stdout[-2000:]  # failed in their set-up
+        assert run.stdout.count("CINEMATIC_REQUIRE_CUDA=1 makes that an error") >= 3
 
 
 # --- on a GPU -------------------------------------------------------------------------------------------------------
