@@ -193,8 +193,11 @@ class Worker(threading.Thread):
         self._alive()
         try:
             clip.save(self.files.path(job.id))  # atomic: temp file, then rename
-        except Exception as error:  # a full or read-only disk
-            return self._failed(job.id, error, "the server could not write the video: ")
+        except Exception as error:  # a full or read-only disk; the writer's message names a server path
+            cause = (
+                error.__cause__ if isinstance(error, CinematicError) and isinstance(error.__cause__, OSError) else None
+            )
+            return self._failed(job.id, cause or error, "the server could not write the video: ")
         self._alive()
         return _Outcome("completed", seconds=time.monotonic() - start)
 
