@@ -11,21 +11,16 @@ import textwrap
 
 import pytest
 
+from tests.glibc_probe import MALLINFO2
+
 # A 64 MiB tensor is made and freed: how much more glibc holds in mmap'd blocks while it lives, and how much the
 # heap (arena bytes) has grown once it is freed.
-PROBE = textwrap.dedent(
+PROBE = MALLINFO2 + textwrap.dedent(
     """
     import ctypes, os, sys
     import torch
     from cinematic.allocator import keep_freed_memory
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = MallInfo2
     if sys.argv[1] == "generate":  # the command up to loading the model, which is stopped there
         from cinematic.cli import main
         from cinematic.errors import CinematicError

@@ -21,6 +21,7 @@ import cinematic.allocator
 from cinematic import Pipeline
 from cinematic.errors import CinematicError
 from tests.factories import make_diffusers_folder
+from tests.glibc_probe import MALLINFO2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,19 +52,12 @@ def test_loading_keeps_threads_and_init_functions(diffusers_folder):
 # How much more glibc holds in mmap'd blocks while a fresh 64 MiB tensor lives, after loading both models. glibc's
 # default serves it with its own mmap (its dynamic threshold stops at 32 MiB); mallopt(M_MMAP_MAX, 0), the setting
 # of cinematic.allocator, would put it on the heap instead.
-MMAP_PROBE = textwrap.dedent(
+MMAP_PROBE = MALLINFO2 + textwrap.dedent(
     """
     import ctypes, sys
     import torch
     from cinematic import Pipeline
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = MallInfo2
     pipes = [Pipeline.from_pretrained("shapes"), Pipeline.from_pretrained(sys.argv[1])]
     pipes[0]("a red circle moving left", steps=2, num_frames=2, seed=0, progress=False)  # and running it
     before = libc.mallinfo2()
