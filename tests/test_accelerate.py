@@ -50,7 +50,7 @@ def test_plain_steps_go_through_the_compiled_unet_and_equal_eager(folder, monkey
     pipe.accelerate(compile="max-autotune")
     assert fake.modes == ["max-autotune"]
     torch.testing.assert_close(pipe(PROMPT, **SMALL).frames, eager, rtol=0, atol=0)
-    assert fake.calls == 6  # two guidance passes per step, one after the other (the CPU default)
+    assert fake.calls == 3  # one batched (guided) evaluation per step
 
 
 def test_cached_and_freeu_steps_run_eagerly(folder, monkeypatch):
@@ -81,10 +81,10 @@ def test_steps_with_lora_adapters_attached_run_eagerly(folder, monkeypatch):
     assert fake.calls == 0
     lora_modules.merge(pipe.model.unet, "test")  # merged: in the weights, which the fast path reads
     pipe(PROMPT, **SMALL)
-    assert fake.calls == 6  # three steps of two passes
+    assert fake.calls == 3
     lora_modules.remove(pipe.model.unet, "test")
     pipe(PROMPT, **SMALL)
-    assert fake.calls == 12
+    assert fake.calls == 6
 
 
 def test_accelerate_settings_are_checked(folder):

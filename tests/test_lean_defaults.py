@@ -27,28 +27,50 @@ def fp16_folder(tmp_path_factory):
     return make_diffusers_folder(tmp_path_factory.mktemp("lean16") / "model", variant="fp16")
 
 
+@pytest.fixture
+def as_if_large(monkeypatch):
+    """The tiny model treated as the published one is: its weights over the lean threshold, its steps over the
+    batching threshold, so that the defaults take the lean path they take at full size."""
+    from cinematic.generation import loading
+
+    monkeypatch.setattr(loading, "LEAN_BYTES", 0)
+    monkeypatch.setattr(memory, "BATCH_BELOW", 0)
+
+
 def frames(videos) -> torch.Tensor:
     return torch.stack([v.frames for v in videos])
 
 
-def test_fp16_files_stay_fp16_and_compute_in_fp32_by_default(fp16_folder):
+def test_fp16_files_stay_fp16_and_compute_in_fp32_by_default(fp16_folder, as_if_large):
     lean = Pipeline.from_pretrained(fp16_folder, variant="fp16")
     assert lean.dtype == torch.float32
     for network in ("unet", "text_encoder", "vae"):
         assert storage_dtype(getattr(lean.model, network)) == torch.float16
-    assert lean.memory == Memory(batched_guidance=False, decode_chunk=1)
+    assert lean.memory == Memory(batched_guidance=None, decode_chunk=1)
+    request = lean.validate(PROMPT, **{k: v for k, v in SMALL.items() if k != "progress"})
+    assert lean.fit(request).batched_guidance is False  # a large step: the passes one after the other
     fp32_files = make_diffusers_folder(fp16_folder.parent / "fp32")
     assert Pipeline.from_pretrained(fp32_files).model.unet.conv_in.weight.dtype == torch.float32  # fp32 stays
 
 
-def test_the_default_video_equals_the_same_mode_from_fp32_copies_bit_for_bit(fp16_folder):
+def test_a_small_model_keeps_fp32_and_batched_guidance(fp16_folder):
+    from cinematic.generation.loading import default_dtypes
+
+    assert default_dtypes(fp16_folder, torch.device("cpu"), "fp16") == (torch.float32, torch.float32)
+    assert default_dtypes("shapes", torch.device("cpu")) == (torch.float32, torch.float32)  # 6 MB of fp16 files
+    pipe = Pipeline.from_pretrained("shapes")
+    request = pipe.validate("a red circle moving left", num_inference_steps=2, seed=0)
+    assert pipe.fit(request).batched_guidance is True  # small steps: one batch is faster
+
+
+def test_the_default_video_equals_the_same_mode_from_fp32_copies_bit_for_bit(fp16_folder, as_if_large):
     lean = Pipeline.from_pretrained(fp16_folder, variant="fp16")
     copies = Pipeline.from_pretrained(fp16_folder, variant="fp16", dtype=torch.float32)  # fp16 values, held as fp32
     assert copies.memory == lean.memory
     assert torch.equal(frames(lean(PROMPT, **SMALL)), frames(copies(PROMPT, **SMALL)))
 
 
-def test_the_default_video_is_within_float_rounding_of_the_old_default(fp16_folder):
+def test_the_default_video_is_within_float_rounding_of_the_old_default(fp16_folder, as_if_large):
     lean = Pipeline.from_pretrained(fp16_folder, variant="fp16")
     old = Pipeline.from_pretrained(fp16_folder, variant="fp16", dtype=torch.float32)  # fp32, batched guidance
     old_frames = frames(old(PROMPT, memory=Memory(), **SMALL))
@@ -58,19 +80,19 @@ def test_the_default_video_is_within_float_rounding_of_the_old_default(fp16_fold
 def test_a_run_that_only_fits_in_low_memory_mode_switches_to_it(fp16_folder, monkeypatch, caplog):
     pipe = Pipeline.from_pretrained(fp16_folder, variant="fp16")
     request = pipe.validate(PROMPT, **{k: v for k, v in SMALL.items() if k != "progress"})
-    default, low = (
-        memory.Footprint.of(pipe).need(request.settings, request.count, m).peak for m in (pipe.memory, Memory.low())
-    )
+    footprint = memory.Footprint.of(pipe)
+    plan = memory.resolve(footprint, request.settings, request.count, pipe.memory)
+    default, low = (footprint.need(request.settings, request.count, m).peak for m in (plan, Memory.low()))
     assert low < default
     monkeypatch.setattr(memory, "available_bytes", lambda: (low + default) // 2)
     with caplog.at_level(logging.WARNING, logger="cinematic"):
         assert pipe.fit(request) == Memory.low()
     assert "running in low-memory mode" in caplog.text
     monkeypatch.setattr(memory, "available_bytes", lambda: default + 1)
-    assert pipe.fit(request) == pipe.memory  # room enough: the default stays
+    assert pipe.fit(request) == plan  # room enough: the default stays
     pipe.check_memory = False
     monkeypatch.setattr(memory, "available_bytes", lambda: 1)
-    assert pipe.fit(request) == pipe.memory  # the check turned off
+    assert pipe.fit(request) == plan  # the check turned off
 
 
 def test_a_run_that_cannot_fit_is_refused_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -140,5 +162,5 @@ def test_the_cli_frees_the_text_encoder_and_the_server_keeps_it(fp16_folder, mon
     monkeypatch.setattr(Pipeline, "from_pretrained", spy)
     args = cli.build_parser().parse_args(["generate", "x", "--model", str(fp16_folder)])
     pipe = cli._load_pipeline(args, "cpu", [])
-    assert pipe.memory.free_text_encoder and not pipe.memory.batched_guidance and pipe.check_memory
+    assert pipe.memory.free_text_encoder and pipe.memory.batched_guidance is None and pipe.check_memory
     assert not Pipeline.from_pretrained(fp16_folder, variant="fp16").memory.free_text_encoder  # library, server

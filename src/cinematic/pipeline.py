@@ -27,6 +27,7 @@ from cinematic.generation.frames import decode_frames
 from cinematic.generation.loading import default_dtypes, load_model, load_text_encoder
 from cinematic.generation.memory import Footprint, Memory
 from cinematic.generation.memory import fit as fit_memory
+from cinematic.generation.memory import resolve as resolve_memory
 from cinematic.generation.noise import initial_noise, video_seeds
 from cinematic.generation.pictures import PathOrFrames, Pictures, load_pictures, starting_point
 from cinematic.generation.prompts import encode_prompts, text_features
@@ -250,7 +251,7 @@ class Pipeline:
     def fit(self, request: Request, memory: Memory | None = None) -> Memory:
         """The memory plan of ``request``, checked against what is free: :func:`cinematic.generation.memory.fit`."""
         if not self.check_memory:
-            return memory or self.memory
+            return resolve_memory(Footprint.of(self), request.settings, request.count, memory or self.memory)
         plan, note = fit_memory(Footprint.of(self), request.settings, request.count, memory, self.memory)
         if note:
             log.warning("note: %s", note)
