@@ -121,43 +121,20 @@ def _device(args: argparse.Namespace) -> str:
     """The device to run on, checked (it exists, and this torch can use it) with the acceleration flags."""
     import torch
 
+    from cinematic.devices import KINDS, device_problem
     from cinematic.pipeline import check_acceleration
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        allowed = ", ".join(_DEVICE_CHECKS)
-        raise CinematicError(f"--device: unknown device {device!r}; allowed: {allowed}, cuda:N") from None
-    if kind not in _DEVICE_CHECKS:
-        raise CinematicError(f"--device: cannot generate on {device!r}; allowed: {', '.join(_DEVICE_CHECKS)}, cuda:N")
-    problem = _DEVICE_CHECKS[kind](torch.device(device))
-    if problem:
-        raise CinematicError(f"--device {device}: {problem}; use --device cpu")
+    problem = device_problem(device)
+    allowed = f"allowed: {', '.join(KINDS)}, cuda:N"
+    if problem is not None and problem.reason == "unknown":
+        raise CinematicError(f"--device: unknown device {device!r}; {allowed}")
+    if problem is not None and problem.reason == "unsupported":
+        raise CinematicError(f"--device: cannot generate on {device!r}; {allowed}")
+    if problem is not None:
+        raise CinematicError(f"--device {device}: {problem.text}; use --device cpu")
     check_acceleration(args.compile, args.cuda_graphs, device)
     return device
-
-
-def _cuda_problem(device: Any) -> str | None:
-    import torch
-
-    if torch.version.cuda is None:
-        return f"this torch ({torch.__version__}) was built without CUDA"
-    count = torch.cuda.device_count()
-    if count == 0:
-        return "no CUDA device is available"
-    if device.index is not None and device.index >= count:
-        return f"there is no CUDA device {device.index} (this machine has {count})"
-    return None
-
-
-def _mps_problem(device: Any) -> str | None:
-    import torch
-
-    return None if torch.backends.mps.is_available() else "MPS (Apple's GPU) is not available"
-
-
-_DEVICE_CHECKS = {"cpu": lambda device: None, "cuda": _cuda_problem, "mps": _mps_problem}  # kind -> problem or None
 
 
 def _load_pipeline(args: argparse.Namespace, device: str, loras: list[tuple[str, float]]) -> Any:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cinematic.devices import device_problem
 from cinematic.errors import CinematicError
 from cinematic.serve.faults import Scrubber
 from cinematic.serve.files import Files, Inputs
@@ -186,25 +187,9 @@ def configure_process(settings: Settings) -> None:
 
 def check_device(device: str) -> None:
     """Refuse, in one line, a device that torch does not know or this machine does not have."""
-    import torch
-
-    try:
-        kind = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CinematicError(f"device {device!r}: not a device name (cpu, cuda, cuda:N or mps)") from None
-    if kind.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CinematicError(f"device {device!r}: this torch build or machine has no CUDA device; use cpu")
-        if kind.index is not None and kind.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise CinematicError(
-                f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-            )
-    elif kind.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise CinematicError(f"device {device!r}: MPS is not available on this machine; use cpu")
-    elif kind.type != "cpu":
-        raise CinematicError(f"device {device!r}: the server runs on cpu, cuda, cuda:N or mps")
+    problem = device_problem(device)
+    if problem is not None:
+        raise CinematicError(f"device {device!r}: {problem.text}")
 
 
 def _scrubber(settings: Settings) -> Scrubber:
