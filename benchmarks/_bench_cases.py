@@ -162,6 +162,7 @@ def _noise(spec: dict[str, Any]):
 def cinematic_generation(spec: dict[str, Any]) -> None:
     start = time.perf_counter()
     torch = _torch(spec)
+    from cinematic.generation.memory import Memory
     from cinematic.pipeline import Pipeline
 
     device, mode = spec["device"], spec["mode"]
@@ -170,17 +171,21 @@ def cinematic_generation(spec: dict[str, Any]) -> None:
     import_s = time.perf_counter() - start
     monitor = RssMonitor()
     monitor.enter("load")
-    pipe, load_s = _timed(
-        lambda: Pipeline.from_pretrained(
-            spec["folder"],
-            device=device,
-            dtype=getattr(torch, mode.get("storage", spec["dtype"])),
-            compute_dtype=getattr(torch, spec["dtype"]),
-            int8=mode.get("int8", False),
-            winograd=mode.get("winograd", True),
-        ),
-        device,
-    )
+    defaults = mode.get("defaults", False)  # the library's own choices: dtypes by size, the memory plan, as the CLI
+    if defaults:
+        pipe, load_s = _timed(lambda: _default_pipeline(spec, device), device)
+    else:
+        pipe, load_s = _timed(
+            lambda: Pipeline.from_pretrained(
+                spec["folder"],
+                device=device,
+                dtype=getattr(torch, mode.get("storage", spec["dtype"])),
+                compute_dtype=getattr(torch, spec["dtype"]),
+                int8=mode.get("int8", False),
+                winograd=mode.get("winograd", True),
+            ),
+            device,
+        )
     guidance = mode.get("guidance", GUIDANCE)
 
     def encode():
@@ -201,16 +206,99 @@ def cinematic_generation(spec: dict[str, Any]) -> None:
         PROMPT, num_frames=spec["frames"], height=spec["size"], width=spec["size"], steps=steps,
         guidance_scale=guidance, seed=SEED, cache_interval=cycle,
     )  # fmt: skip
-    low_memory = mode.get("low_memory", False)
+    # the explicit modes keep the plan they were measured with (guidance batched unless --low-memory); the defaults
+    # let the library choose by size, as `cinematic generate` does
+    memory = pipe.fit(request, None if defaults else Memory.low() if mode.get("low_memory") else Memory())
     clock = StepClock(device, cycle)
     monitor.enter("steps")
     clock.start()
-    latents = pipe.sample(request, progress=False, low_memory=low_memory, callback=lambda i, n: clock.step_done())
+    latents = pipe.sample(request, progress=False, memory=memory, callback=lambda i, n: clock.step_done())
     clock.sampling_done()
     monitor.enter("decode")
-    _, decode_s = _timed(lambda: pipe.decode(latents, chunk=1 if low_memory else None), device)
+    _, decode_s = _timed(lambda: pipe.decode(latents, chunk=memory.decode_chunk), device)
+    plan = {
+        "storage": str(next(pipe.model.unet.parameters()).dtype),
+        "compute": str(pipe.dtype),
+        "batched_guidance": memory.batched_guidance,
+        "free_text_encoder": memory.free_text_encoder,
+    }
     emit({"import_s": import_s, "load_s": load_s, "encode_s": encode_s, "decode_s": decode_s, "rss_base": rss_base,
-          **clock.result(encode_flops), **_memory(device, monitor)})  # fmt: skip
+          "plan": plan, **clock.result(encode_flops), **_memory(device, monitor)})  # fmt: skip
+
+
+def _default_pipeline(spec: dict[str, Any], device):
+    """A pipeline as ``cinematic generate --model FOLDER`` makes it: no dtype named (so the library picks by the
+    model's size and the files' precision), the text encoder freed once the prompts are encoded."""
+    from dataclasses import replace
+
+    from cinematic.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(spec["folder"], device=device, variant=spec.get("variant"))
+    pipe.memory = replace(pipe.memory, free_text_encoder=True)
+    return pipe
+
+
+class _FirstStep(Exception):
+    """Raised by a forward pre-hook on the UNet to end a run when its first denoising pass begins."""
+
+
+def first_step(spec: dict[str, Any]) -> None:
+    """Time to first step: from the load call to the moment the first UNet pass of a whole generation begins
+    (load, prompt encoding, the memory plan and the initial noise; imports excluded), for the library's default path
+    of each implementation: ``Pipeline.from_pretrained`` + ``pipe(...)`` against diffusers' fp32
+    ``TextToVideoSDPipeline`` + ``pipe(...)``."""
+    torch = _torch(spec)
+    device = spec["device"]
+    settings = {"num_frames": spec["frames"], "height": spec["size"], "width": spec["size"],
+                "num_inference_steps": 50, "guidance_scale": GUIDANCE}  # fmt: skip
+    if spec["impl"] == "cinematic":
+        import cinematic.models.presets  # noqa: F401  (imports are not the load)
+        import cinematic.tokenizer  # noqa: F401
+        from cinematic.pipeline import Pipeline  # noqa: F401
+
+        _as_the_cli(device)
+
+        def load():
+            return _default_pipeline(spec, device)
+
+        def unet(pipe):
+            return pipe.model.unet
+
+        def run(pipe):
+            pipe(PROMPT, progress=False, seed=SEED, **settings)
+
+    else:
+        _import_diffusers()
+
+        def load():
+            return _diffusers_pipeline(spec["folder"], getattr(torch, spec["dtype"])).to(device)
+
+        def unet(pipe):
+            return pipe.unet
+
+        def run(pipe):
+            pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", **settings)
+
+    _sync(device)
+    start = time.perf_counter()
+    pipe = load()
+    loaded = time.perf_counter()
+    stamps = []
+
+    def stop(module, args):
+        _sync(device)
+        stamps.append(time.perf_counter())
+        raise _FirstStep
+
+    unet(pipe).register_forward_pre_hook(stop)
+    try:
+        with torch.inference_mode():
+            run(pipe)
+    except _FirstStep:
+        pass
+    if not stamps:
+        raise RuntimeError("the UNet was never called")
+    emit({"load_s": loaded - start, "first_step_s": stamps[0] - start, "peak_rss": peak_rss()})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,6 +465,9 @@ def load_case(spec: dict[str, Any]) -> None:
         _as_the_cli(device)
 
         def run():  # as generation loads: kept in the files' fp16 and computed in dtype, with "storage"
+            if spec.get("storage") == "default":  # the library's choice, as `cinematic generate` loads
+                pipe = _default_pipeline(spec, device)
+                return [pipe.model.unet, pipe.model.text_encoder, pipe.model.vae]
             storage = getattr(torch, spec["storage"]) if spec.get("storage") else dtype
             pipe = Pipeline.from_pretrained(
                 spec["folder"], device=device, dtype=storage, compute_dtype=dtype, variant=spec.get("variant")
@@ -543,4 +634,5 @@ def make_child(spec: dict[str, Any]) -> None:
 
 
 CHILDREN = {"generation": lambda spec: GENERATIONS[spec["impl"]](spec), "load": load_case, "matmul": matmul_peak,
+            "first_step": first_step,
             "quality": quality, "judge": judge, "make": make_child}  # fmt: skip

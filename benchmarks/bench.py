@@ -49,8 +49,11 @@ SETTINGS = {
 }
 
 # cinematic's cases: label -> settings read by _bench_cases.cinematic_generation
+FP32 = "--dtype fp32 (the default before 22)"  # fp32 weights from the cinematic folder, guidance batched
+DEFAULT = "default (fp16 files kept, fp32 compute, plan by size)"  # `cinematic generate --model FOLDER`, no flags
 CINEMATIC_MODES = {
-    "default": {},
+    DEFAULT: {"defaults": True},
+    FP32: {},
     "--dtype fp16 --compute fp32": {"storage": "float16"},
     "--low-memory --dtype fp16 --compute fp32": {"storage": "float16", "low_memory": True},
     "--cache-interval 3": {"cache_interval": 3},
@@ -60,7 +63,11 @@ CINEMATIC_MODES = {
 }
 # --modes names for them
 MODE_NAMES = dict(
-    zip(["default", "fp16", "low-memory", "cache", "truncated", "int8", "no-winograd"], CINEMATIC_MODES, strict=True)
+    zip(
+        ["default", "fp32", "fp16", "low-memory", "cache", "truncated", "int8", "no-winograd"],
+        CINEMATIC_MODES,
+        strict=True,
+    )
 )
 PEERS = {
     "diffusers": "TextToVideoSDPipeline 0.42, batched guidance",
@@ -68,7 +75,10 @@ PEERS = {
 }
 # (loader, layout, variant, storage): every loader from every format it reads; storage "float16" keeps the weights
 # as the files hold them and computes in the run's dtype (``--dtype fp16 --compute fp32``)
+# storage "default": no dtype named, the library's choice (as `cinematic generate` loads)
 LOADS = [
+    ("cinematic", "cinematic", None, "default"),
+    ("cinematic", "diffusers", "fp16", "default"),
     ("cinematic", "cinematic", None, None),
     ("cinematic", "cinematic", None, "float16"),
     ("cinematic", "diffusers", "fp16", None),
@@ -131,7 +141,9 @@ class Runner:
                 if label not in self.modes():
                     continue
                 spec = {"impl": "cinematic", "folder": str(self.folders["cinematic"]), "mode": mode}
-                if not mode:
+                if label == DEFAULT:  # from the published fp16 files, as a user of them runs it
+                    spec |= {"folder": str(self.folders["diffusers"]), "variant": "fp16"}
+                if label == FP32:
                     spec["save_context"] = str(context)
                 cases.append(("cinematic", label, spec))
         for impl in ("diffusers", "modelscope"):
@@ -148,17 +160,38 @@ class Runner:
             results.append(result)
         return results
 
+    def first_steps(self, setting: Setting) -> list[dict[str, Any]]:
+        """Time to first step of a whole default generation, cinematic's defaults against diffusers' fp32 pipeline,
+        both from the published fp16 files (each in a fresh process, median of --load-repeats after a warm-up)."""
+        results = []
+        for impl in ("cinematic", "diffusers"):
+            if impl not in self.args.impls:
+                continue
+            print(f"  time to first step: {impl} ...", end=" ", flush=True)
+            spec = {"impl": impl, "folder": str(self.folders["diffusers"]), "variant": "fp16",
+                    "frames": setting.frames, "size": setting.size}  # fmt: skip
+            self.child("first_step", **spec)  # warm-up
+            runs = [self.child("first_step", **spec) for _ in range(self.args.load_repeats)]
+            ok = [r for r in runs if "error" not in r]
+            result = {"impl": impl, "runs": runs}
+            if ok:
+                result |= {key: median([r[key] for r in ok]) for key in ("load_s", "first_step_s")}
+                print(f"{result['first_step_s']:.2f} s", flush=True)
+            results.append(result)
+        return results
+
     def modes(self) -> list[str]:
         """cinematic's modes that apply: fp16 storage only under fp32 compute, int8 only on the CPU in fp32."""
         labels = list(CINEMATIC_MODES)
         if self.args.dtype != "fp32":
+            labels.remove(DEFAULT)  # the defaults compute in fp32 on a CPU
             labels.remove("--dtype fp16 --compute fp32")
             labels.remove("--low-memory --dtype fp16 --compute fp32")
         if self.args.dtype != "fp32" or self.args.device != "cpu":
             labels.remove("--int8")
             labels.remove("--no-winograd")
-        if self.args.modes:  # the default mode always runs: it writes the peers' prompt features
-            wanted = {MODE_NAMES[name] for name in self.args.modes} | {MODE_NAMES["default"]}
+        if self.args.modes:  # the fp32 mode always runs: it writes the peers' prompt features
+            wanted = {MODE_NAMES[name] for name in self.args.modes} | {FP32}
             labels = [label for label in labels if label in wanted]
         return labels
 
@@ -210,13 +243,25 @@ def generation_table(results: list[dict[str, Any]], peak_gflops: float | None) -
     return markdown_table(headers, rows)
 
 
+def first_step_table(results: list[dict[str, Any]]) -> str:
+    reference = next((r.get("first_step_s") for r in results if r["impl"] == "diffusers"), None)
+    rows = [
+        [r["impl"], _fmt(r.get("load_s"), ".2f"), _fmt(r.get("first_step_s"), ".2f"),
+         _ratio(r.get("first_step_s"), reference)]
+        for r in results
+    ]  # fmt: skip
+    return markdown_table(["implementation", "load s", "time to first step s", "vs diffusers"], rows)
+
+
 def load_table(results: list[dict[str, Any]]) -> str:
     native = {r["loader"]: r.get("load_s") for r in results if r["loader"] == r["layout"] and not r.get("storage")}
     headers = ["loader", "files", "load+touch s", "weights GiB", "peak Δ GiB", "vs diffusers", "vs modelscope"]
     rows = []
     for r in results:
         files = r["layout"] + (f" ({r['variant']})" if r["variant"] else "")
-        if r.get("storage"):
+        if r.get("storage") == "default":
+            files += ", the library's default dtypes"
+        elif r.get("storage"):
             files += f", weights kept in {r['storage']}"
         if "load_s" not in r:
             rows.append([r["loader"], files, "failed", "-", "-", "-", "-"])
@@ -245,7 +290,7 @@ def estimates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if peer := by.get((impl, PEERS[impl])):
             add(f"{impl}, DDIM 50" + ("" if peer["encode_s"] is not None else " (no text encoding)"), peer,
                 50 * peer["step_s"])  # fmt: skip
-    plain = by.get(("cinematic", "default"))
+    plain = by.get(("cinematic", FP32))
     lean = by.get(("cinematic", "--low-memory --dtype fp16 --compute fp32"))
     cached = by.get(("cinematic", "--cache-interval 3"))
     cond = by.get(("cinematic", "one conditional pass (a truncated step)"))
@@ -361,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     loads = [] if args.no_loads else runner.loads()
     context = args.workdir / f"context-{args.preset}.pt"
     generations = [] if args.no_generations else runner.generations(setting, context)
+    first = [] if args.no_generations or args.no_loads else runner.first_steps(setting)
     rows = estimates(generations)
     quality = judge = None
     if args.quality:
@@ -380,6 +426,12 @@ def main(argv: list[str] | None = None) -> None:
         repeats = args.load_repeats
         print(f"\nload (each in a fresh process, median of {repeats} after a warm-up, weights in {args.dtype})\n")
         print(load_table(loads))
+    if first:
+        print(
+            "\ntime to first step: from the load call to the first UNet pass of a default generation (fresh "
+            "processes, fp16 files in the page cache)\n"
+        )
+        print(first_step_table(first))
     if rows:
         print("\nwhole video from the measured costs (load excluded)\n")
         print(estimate_table(rows))
@@ -392,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         payload = {"preset": args.preset, "setting": asdict(setting), "settings": _jsonable(vars(args)),
                    "machine": info, "matmul_gflops": peak, "loads": loads, "generations": generations,
-                   "estimates": rows, "quality": quality, "judge": judge}  # fmt: skip
+                   "first_steps": first, "estimates": rows, "quality": quality, "judge": judge}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {args.json}")
 
