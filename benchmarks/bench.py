@@ -290,7 +290,7 @@ def estimates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if peer := by.get((impl, PEERS[impl])):
             add(f"{impl}, DDIM 50" + ("" if peer["encode_s"] is not None else " (no text encoding)"), peer,
                 50 * peer["step_s"])  # fmt: skip
-    plain = by.get(("cinematic", FP32))
+    plain = by.get(("cinematic", DEFAULT)) or by.get(("cinematic", FP32))
     lean = by.get(("cinematic", "--low-memory --dtype fp16 --compute fp32"))
     cached = by.get(("cinematic", "--cache-interval 3"))
     cond = by.get(("cinematic", "one conditional pass (a truncated step)"))
