@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cinematic.cli import main
 from cinematic.diffusion import TruncatedGuidance, classifier_free_guidance, guided_steps, sample
 from cinematic.errors import CinematicError
+from cinematic.models import precision
 from cinematic.models.feature_cache import DeepCache, caching
 from cinematic.models.precision import compute_in, quantize_int8, storage_dtype
 from cinematic.models.unet3d import UNET_TINY, UNet3D
@@ -241,13 +242,13 @@ def test_fp16_storage_with_fp32_compute_equals_the_fp32_run_on_the_same_weights(
 
 def test_casts_go_to_one_arena_and_survive_the_layer_that_reads_them(unet):
     rounded, stored = fp16_stored(unet)
-    arena = stored.conv_in.parametrizations.weight[0].arena
+    arena = precision.cast_arena(stored.conv_in)
     largest = max(p.numel() for p in stored.parameters())
     assert arena.buffer.numel() == largest + (1 << 20) and arena.buffer.dtype == torch.float32
     start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.buffer.numel() * 4
     weight, bias = stored.conv_in.weight, stored.conv_in.bias  # two casts in a row, as a layer reads them
     assert start <= weight.data_ptr() < end and start <= bias.data_ptr() < end
-    assert torch.equal(weight, stored.conv_in.parametrizations.weight.original.float())
+    assert torch.equal(weight, precision.stored_parameter(stored.conv_in, "weight").float())
     # The smallest arena that holds the largest weight and a bias: the ring wraps many times in every forward.
     biggest_bias = max(p.numel() for name, p in unet.named_parameters() if name.endswith("bias"))
     arena.buffer, arena.offset = torch.empty(largest + biggest_bias + 16), 0
@@ -256,7 +257,7 @@ def test_casts_go_to_one_arena_and_survive_the_layer_that_reads_them(unet):
         expected = rounded(x, t, context)
         torch.testing.assert_close(stored(x, t, context), expected, **EXACT)
         torch.testing.assert_close(stored(x, t, context), expected, **EXACT)
-    original = stored.conv_in.parametrizations.weight.original
+    original = precision.stored_parameter(stored.conv_in, "weight")
     start, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.buffer.numel() * 4
     with torch.enable_grad():  # a trainable stored weight gets a differentiable cast of its own
         original.requires_grad_(True)

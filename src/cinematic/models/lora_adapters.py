@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cinematic.errors import CinematicError
-from cinematic.models import modifications
+from cinematic.models import modifications, precision
 
 TARGETS = ("spatial", "temporal", "both")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -182,9 +182,8 @@ def adapter_names(unet: nn.Module) -> list[str]:
 
 
 def _stored_weight(layer: nn.Module) -> torch.Tensor:
-    parametrizations = getattr(layer, "parametrizations", None)
-    if parametrizations is not None and "weight" in parametrizations:
-        return parametrizations.weight.original
+    if precision.is_cast(layer):
+        return precision.stored_parameter(layer, "weight")
     weight = layer.weight
     return weight() if callable(weight) else weight  # int8 dynamic-quantized Linear: a method
 
@@ -192,7 +191,7 @@ def _stored_weight(layer: nn.Module) -> torch.Tensor:
 def _plain_weight(layer_name: str, layer: nn.Module) -> torch.Tensor:
     """The weight tensor a merge writes into: an ordinary floating-point parameter."""
     weight = getattr(layer, "weight", None)
-    if getattr(layer, "parametrizations", None) is not None or not isinstance(weight, torch.Tensor):
+    if precision.is_cast(layer) or not isinstance(weight, torch.Tensor):
         raise CinematicError(
             f"cannot merge a LoRA into {layer_name}: its weights are quantized or stored in another precision; "
             "load the adapter unmerged"

@@ -15,7 +15,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from cinematic.models import modifications
 
@@ -46,29 +45,69 @@ class CastArena:
         return out.copy_(stored)
 
 
-class _Cast(nn.Module):
-    """A parametrization: the stored tensor, cast to ``dtype`` on every access (into ``arena`` when given)."""
+class _Caster:
+    """What a cast layer's parameters are read through: a cast to ``dtype``, into ``arena`` when there is one."""
 
-    def __init__(self, dtype: torch.dtype, arena: CastArena | None = None):
-        super().__init__()
+    def __init__(self, dtype: torch.dtype, arena: CastArena | None):
         self.dtype, self.arena = dtype, arena
 
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+    def __call__(self, stored: torch.Tensor) -> torch.Tensor:
         if self.arena is None or torch.is_grad_enabled() and stored.requires_grad:
             return stored.to(self.dtype)
         return self.arena.cast(stored)
 
 
+_CASTER = "_cinematic_caster"  # the instance attribute a cast layer keeps its _Caster in
+_CAST_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _cast_class(cls: type, names: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose ``names`` read as the cast of the stored parameters of the same names (a data
+    descriptor on the class takes precedence over ``nn.Module``'s lookup in ``_parameters``). One class per
+    ``(cls, names)``, made once: swapping a layer's class costs nothing, where a ``torch.nn.utils.parametrize``
+    registration builds two modules and a class per parameter (0.4 s of a 0.8 s load of the full model)."""
+    key = (cls, names)
+    if key not in _CAST_CLASSES:
+
+        def reader(name: str) -> property:
+            return property(lambda self: self.__dict__[_CASTER](self._parameters[name]))
+
+        attributes = {name: reader(name) for name in names} | {"_cast_stored_class": cls}
+        _CAST_CLASSES[key] = type(f"Cast{cls.__name__}", (cls,), attributes)
+    return _CAST_CLASSES[key]
+
+
+def stored_type(layer: nn.Module) -> type:
+    """A layer's class as it was before :func:`compute_in`."""
+    return getattr(type(layer), "_cast_stored_class", type(layer))
+
+
+def stored_parameter(layer: nn.Module, name: str) -> torch.Tensor:
+    """The parameter ``name`` as stored (under :func:`compute_in`, not its cast)."""
+    return layer._parameters[name]
+
+
+def cast_arena(layer: nn.Module) -> CastArena | None:
+    """The arena ``layer``'s casts are written into (None: fresh memory, off the CPU)."""
+    return layer.__dict__[_CASTER].arena
+
+
+def is_cast(layer: nn.Module) -> bool:
+    """Whether ``layer`` reads its parameters through :func:`compute_in`'s casts."""
+    return _CASTER in layer.__dict__
+
+
 def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Make every floating parameter of ``module`` read as ``dtype`` while it is stored as it is; in place.
 
-    Uses ``torch.nn.utils.parametrize``: ``layer.weight`` becomes the cast of the stored tensor, computed at each
-    access (inside the layer's forward), so only one layer's weights exist in ``dtype`` at a time. Parameters already
-    in ``dtype`` are left alone. The state-dict keys of a cast parameter gain ``parametrizations.<name>.original``;
-    this is a mode for inference, not for saving. (cinematic's networks have no floating buffers to cast.) The change is
-    recorded (:mod:`cinematic.models.modifications`, kind ``"compute_dtype"``): undoing it puts the stored parameters
-    back as they were. Graph-safe: the casts run inside each layer's own forward, which a compiled or recorded
-    forward runs too.
+    Each layer with such parameters gets a subclass of its own class (:func:`_cast_class`) where ``layer.weight``
+    is the cast of the stored tensor, computed at each access (inside the layer's forward), so only one layer's
+    weights exist in ``dtype`` at a time. The stored ``Parameter`` objects stay where they were: ``parameters()``,
+    ``state_dict()`` and its keys are those of the stored network (:func:`stored_parameter` reads one). Parameters
+    already in ``dtype`` are left alone. (cinematic's networks have no floating buffers to cast.) The change is
+    recorded (:mod:`cinematic.models.modifications`, kind ``"compute_dtype"``): undoing it gives every layer its
+    class back. Graph-safe: the casts run inside each layer's own forward, which a compiled or recorded forward runs
+    too.
 
     On the CPU the casts are written into one :class:`CastArena` per module instead of fresh memory. Embedding
     tables are not cast whole: an ``nn.Embedding`` looks its rows up in the stored table and casts what it returns
@@ -79,30 +118,34 @@ def compute_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         for sub in module.modules()
         if isinstance(sub, nn.Embedding) and sub.weight.is_floating_point() and sub.weight.dtype != dtype
     ]
-    cast = [
-        (sub, name, param)
-        for sub in module.modules()
-        if not isinstance(sub, nn.Embedding)
-        for name, param in sub.named_parameters(recurse=False)
-        if param.is_floating_point() and param.dtype != dtype
-    ]
-    if not cast and not embeddings:
+    layers = []  # (layer, names of its parameters to cast)
+    for sub in module.modules():
+        if isinstance(sub, nn.Embedding) or is_cast(sub):
+            continue
+        names = tuple(n for n, p in sub.named_parameters(recurse=False) if p.is_floating_point() and p.dtype != dtype)
+        if names:
+            layers.append((sub, names))
+    if not layers and not embeddings:
         return module
-    frozen = [(p, p.requires_grad) for p in [e.weight for e in embeddings] + [param for _, _, param in cast]]
+    cast = [sub._parameters[name] for sub, names in layers for name in names]
+    frozen = [(p, p.requires_grad) for p in [e.weight for e in embeddings] + cast]
     handles = [e.register_forward_hook(lambda _module, _args, out: out.to(dtype)) for e in embeddings]
-    device = cast[0][2].device if cast else None
-    largest = max((param.numel() for _, _, param in cast), default=0)
+    device = cast[0].device if cast else None
+    largest = max((param.numel() for param in cast), default=0)
     arena = CastArena(largest + (1 << 20), dtype, device) if device is not None and device.type == "cpu" else None
+    caster = _Caster(dtype, arena)
     for param, _ in frozen:
         # Inference only: frozen, so that nothing (autograd, FlopCounterMode's module tracker) treats the cast as a
         # step of a graph to differentiate.
         param.requires_grad_(False)
-    for sub, name, _ in cast:
-        parametrize.register_parametrization(sub, name, _Cast(dtype, arena), unsafe=True)
+    for sub, names in layers:
+        sub.__dict__[_CASTER] = caster
+        sub.__class__ = _cast_class(type(sub), names)
 
     def restore() -> None:
-        for sub, name, _ in cast:  # the stored Parameter objects themselves come back
-            parametrize.remove_parametrizations(sub, name, leave_parametrized=False)
+        for sub, _ in layers:
+            sub.__class__ = stored_type(sub)
+            del sub.__dict__[_CASTER]
         for handle in handles:
             handle.remove()
         for param, requires_grad in frozen:
@@ -135,7 +178,7 @@ def quantize_int8(module: nn.Module) -> nn.Module:
         (parent, name, child)
         for parent in module.modules()
         for name, child in parent.named_children()
-        if parametrize.type_before_parametrizations(child) is nn.Linear  # what quantize_dynamic swaps
+        if stored_type(child) is nn.Linear  # what quantize_dynamic swaps
     ]
     had_qconfig = {id(m) for m in module.modules() if "qconfig" in m.__dict__}
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
