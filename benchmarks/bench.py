@@ -357,6 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=list(MODE_NAMES), help="cinematic's modes to run (default all)")
     parser.add_argument("--no-loads", action="store_true", help="skip the load-time table")
     parser.add_argument("--no-generations", action="store_true", help="skip the generations (loads only)")
+    parser.add_argument("--no-first-step", action="store_true", help="skip the time-to-first-step cases")
     parser.add_argument("--quality", action="store_true", help="also measure each fast mode's error (whole runs)")
     parser.add_argument("--quality-steps", type=int, default=25, help="DPM-Solver++ steps of --quality (default 25)")
     parser.add_argument("--reference-steps", type=int, default=50, help="DDIM steps of --quality's reference")
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     loads = [] if args.no_loads else runner.loads()
     context = args.workdir / f"context-{args.preset}.pt"
     generations = [] if args.no_generations else runner.generations(setting, context)
-    first = [] if args.no_generations or args.no_loads else runner.first_steps(setting)
+    first = [] if args.no_first_step else runner.first_steps(setting)
     rows = estimates(generations)
     quality = judge = None
     if args.quality:
