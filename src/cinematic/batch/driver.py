@@ -60,18 +60,22 @@ def _run(tasks: list[Task], out: Path, manifest: Manifest, runner: Runner, strea
             manifest.record(row)
     stream.write(f"{len(tasks)} lines: {summary.skipped} done before, {len(todo)} to make, {summary.failed} failed\n")
     if todo:
-        by_id = {task.id: task for task in todo}
-        bar = Progress(len(todo), "batch", stream=stream)
+        by_id = {task.id: task for task in todo}  # those still to come
+        bar, results = Progress(len(todo), "batch", stream=stream), runner(todo)
         try:
-            for finished, result in enumerate(runner(todo), 1):
+            for result in results:
                 if result.status == "broken":
                     raise CinematicError(f"cannot load the model: {result.error}")
-                row = _row(by_id[result.id], result)
+                task = by_id.pop(result.id, None)
+                if task is None:  # a lost worker's late answer for a line retried since
+                    continue
+                row = _row(task, result)
                 manifest.record(row)
                 _count(summary, row)
-                bar.update(done=summary.done, failed=summary.failed, remaining=len(todo) - finished)
+                bar.update(done=summary.done, failed=summary.failed, remaining=len(by_id))
         finally:
             bar.close()
+            getattr(results, "close", lambda: None)()  # stops the workers now, not when collected
     return summary
 
 

@@ -96,8 +96,8 @@ def _task(
             given["seed"] = drawn_seed(task_id) if seed is None else (seed + number - 1) % SEED_RANGE
         if given.get("prompt") is None and given.get("prompt_schedule") is None:
             raise CinematicError("prompt: is required (give a prompt or a prompt_schedule)")
-        settings_from(given)  # types and bounds; the rules that need the model are the worker's to check
-        settings = {name: given[name] for name in SPECS if given.get(name) is not None}
+        checked = settings_from(given).values()  # types and bounds; the rules that need the model: the worker's
+        settings = {name: checked[name] for name in SPECS if given.get(name) is not None}
         return replace(task, settings=settings, pictures=pictures)
     except CinematicError as error:
         return replace(task, error=f"line {number}: {one_line(error)}")

@@ -95,7 +95,7 @@ class LocalRunner:
                 except queue.Empty:
                     kind = None
                 if kind == "result":
-                    del busy[index]
+                    busy.pop(index, None)
                     yield payload
                 if kind is not None and pending:
                     busy[index] = pending.popleft()

@@ -13,6 +13,7 @@ Ray is optional (``pip install "cinematic[ray]"``) and imported only here, only 
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 from collections import Counter, deque
@@ -46,7 +47,7 @@ def connect(address: str | None) -> bool:
     if address not in (None, "auto") and not address.startswith("ray://"):
         _probe(address)
     try:
-        ray.init(address=address, logging_level="WARNING", configure_logging=True)
+        ray.init(address=address, logging_level=logging.WARNING)
     except Exception as error:  # ConnectionError, or a RuntimeError about the address
         where = "a running Ray cluster" if address == "auto" else f"the Ray cluster at {address}"
         raise CinematicError(f"--ray: cannot reach {where}: {one_line(error)}") from None
@@ -113,6 +114,8 @@ class RayRunner:
                         idle.append(self._actor())
                         yield from self._lost(task, lost, pending, error)
                         continue
+                    except ray.exceptions.RayTaskError as error:  # not the line's own failure: run() catches those
+                        result = Result(task.id, "failed", error=f"line {task.line}: {one_line(error.cause)}")
                     idle.append(actor)
                     yield result
         finally:
