@@ -45,7 +45,8 @@ def one_row(where: str, workers: int, count: int, steps: int, folder: Path) -> d
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()] if done.returncode == 0 else []
+    manifest = out / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()] if done.returncode == 0 else []
     if len(rows) != count or any(row["status"] != "done" for row in rows):
         raise RuntimeError(f"{' '.join(argv)} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     busy = sum(row["seconds"] for row in rows) / workers

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cinematic import video
 from cinematic.cli import main
 
@@ -95,13 +97,17 @@ def check_finished(out: Path, reference: dict[str, str] | None = None) -> dict[s
 def reference_hashes(out: Path, folder: Path) -> dict[str, str]:
     """The frames hash of a single ``cinematic generate`` call for each done line, at the seed the batch used."""
     last = {row["id"]: row for row in rows(out)}
-    hashes = {}
-    for row in last.values():
-        if row["status"] != "done":
-            continue
-        target = folder / row["file"]
-        assert main(["generate", *generate_args(LINES[row["line"] - 1], row["seed"]), "-o", str(target)]) == 0
-        hashes[row["id"]] = frames_hash(target)
+    hashes, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: on a busy machine two spinning threads can be 20 times slower
+    try:
+        for row in last.values():
+            if row["status"] != "done":
+                continue
+            target = folder / row["file"]
+            assert main(["generate", *generate_args(LINES[row["line"] - 1], row["seed"]), "-o", str(target)]) == 0
+            hashes[row["id"]] = frames_hash(target)
+    finally:
+        torch.set_num_threads(threads)
     return hashes
 
 

@@ -27,7 +27,7 @@ def prompts(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """The prompts file and, from a local batch of it, the frames hash each line must have."""
     folder = tmp_path_factory.mktemp("prompts")
     prompts = write_prompts(folder / "prompts.jsonl")
-    assert main(["batch", str(prompts), "--out", str(folder / "local"), *STEPS]) == 1
+    assert main(["batch", str(prompts), "--out", str(folder / "local"), "--threads", "1", *STEPS]) == 1
     return prompts, reference_hashes(folder / "local", folder)
 
 

@@ -121,4 +121,3 @@ def _count(summary: Summary, row: dict[str, Any]) -> None:
     else:
         summary.failed += 1
         summary.errors += (row["error"],)
-

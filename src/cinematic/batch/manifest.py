@@ -55,7 +55,8 @@ def locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise CinematicError(f"another cinematic batch is writing to {folder}; wait for it or choose another --out") from None
+            busy = f"another cinematic batch is writing to {folder}; wait for it or choose another --out"
+            raise CinematicError(busy) from None
         remove_leftovers(folder)
         try:
             yield
