@@ -17,18 +17,16 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cinematic.cli import main
-from tests.batch_helpers import STEPS, check_finished, reference_hashes, videos, write_prompts
+from tests.batch_helpers import STEPS, check_finished, expected_hashes, videos, write_prompts
 
 KILL_AFTER_S = 120
 
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The prompts file and, from a local batch of it, the frames hash each line must have."""
+    """The prompts file and the frames hash each line must have (single generate calls)."""
     folder = tmp_path_factory.mktemp("prompts")
-    prompts = write_prompts(folder / "prompts.jsonl")
-    assert main(["batch", str(prompts), "--out", str(folder / "local"), "--threads", "1", *STEPS]) == 1
-    return prompts, reference_hashes(folder / "local", folder)
+    return write_prompts(folder / "prompts.jsonl"), expected_hashes(tmp_path_factory.mktemp("generate"))
 
 
 def kill_one_actor(out: Path, killed: list[str]) -> None:
