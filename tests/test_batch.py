@@ -9,7 +9,12 @@ seed the manifest records.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -148,3 +153,23 @@ def test_one_driver_per_folder(tmp_path, capsys):
     with locked(tmp_path / "out"):
         assert main(["batch", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out")]) == 2
     assert "another cinematic batch is writing to" in capsys.readouterr().err
+
+
+def test_a_killed_worker_process_is_replaced_and_its_line_made_once(reference, tmp_path):
+    prompts, out, killed = reference["prompts"], tmp_path / "out", []
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not videos(out) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = [p for p in multiprocessing.active_children() if p.name.startswith("cinematic-batch-")]
+        if workers:
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed.append(workers[0].name)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    assert main(["batch", str(prompts), "--out", str(out), "--workers", "2", "--threads", "1", *STEPS]) == 1
+    killer.join()
+    assert killed, "no worker process was found to kill"
+    check_finished(out, {k: v for k, v in reference.items() if k not in ("out", "prompts")})
