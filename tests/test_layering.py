@@ -1,7 +1,7 @@
 """Layers point down (the house style, rule 17), checked on the source text: every module under ``src/cinematic`` is
 parsed with ``ast``, never imported, so the test sees imports inside functions and under ``if TYPE_CHECKING:`` too.
 
-1. The library never imports training, serving, evaluation or the CLI: only a module inside ``cinematic.train``
+1. The library never imports training, serving, evaluation, batch or the CLI: only a module inside ``cinematic.train``
    (``.serve``, ``.eval``) imports from it, and only the CLI (``cinematic.cli``, ``cinematic.__main__``) imports
    from all of them.
 2. A private name (one leading underscore, not a dunder) stays in its module: no ``from cinematic.x import _y`` and no
@@ -19,7 +19,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "cinematic"
-UPPER = ("cinematic.train", "cinematic.serve", "cinematic.eval", "cinematic.cli")
+UPPER = ("cinematic.train", "cinematic.serve", "cinematic.eval", "cinematic.batch", "cinematic.cli")
 CLI = ("cinematic.cli", "cinematic.__main__")
 
 

@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands)
 
+    from cinematic.batch.cli import add_batch_parser
+
+    add_batch_parser(commands)
+
     info = commands.add_parser("info", help="describe a model: format, parameters, dtypes and file sizes")
     info.add_argument("model", help="a model folder (any layout), a bundled model name, or a hub id")
     info.set_defaults(run=cmd_info)
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(done.code or 0)
     try:
         with _sigterm_unwinds():
-            args.run(args)
+            code = args.run(args)  # None, or a command's own exit code (batch: 1 when a line failed)
     except CinematicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output file was written", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

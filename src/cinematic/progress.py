@@ -31,7 +31,7 @@ class Progress:
         bar = "#" * filled + "." * (self.width - filled)
         rate = f"{per_step:.2f} s/it" if per_step >= 1 or per_step == 0 else f"{1 / per_step:.2f} it/s"
         parts = [f"{self.label} [{bar}] {self.done}/{self.total}", rate, f"ETA {_clock(left)}"]
-        parts += [f"{k} {v:.4g}" for k, v in (extra or {}).items()]
+        parts += [f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in (extra or {}).items()]
         return " | ".join(parts)
 
     def update(self, **extra: float) -> None:
