@@ -100,6 +100,8 @@ class Pipeline:
         self._graphs: CUDAGraphs | None = None
         self.memory = Memory.for_device(self.device)  # unless a call says; the CLI also frees the text encoder
         self.check_memory = True  # a call that would not fit goes low-memory or is refused before it starts
+        # The model's defaults before each few-step LoRA (by adapter name) changed them (load_lora).
+        self._before_few_step: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -143,17 +145,30 @@ class Pipeline:
         self._fast_unet = self._graphs or (unet if compile is not None else None)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, merge: bool = False) -> str:
-        """Apply the LoRA adapter at ``path`` with strength ``scale`` (see
-        :func:`cinematic.lora_loading.load_lora`); returns its name for :meth:`unload_lora`."""
+        """Apply the LoRA adapter at ``path`` (a file, folder or hub id) with strength ``scale`` (see
+        :func:`cinematic.lora_loading.load_lora`); returns its name for :meth:`unload_lora`. A few-step student
+        (T2V-Turbo-MS, MCM) also becomes the model's default sampler settings (``lora_loading.FEW_STEP_DEFAULTS``),
+        until it is unloaded: settings a call names still win."""
         if self._graphs is not None:
             self._graphs.reset()  # the recordings would run the layers as they were
-        return adapters.load_lora(self.model.unet, path, scale, merge)
+        few_step = adapters.few_step_defaults(path)
+        name = adapters.load_lora(self.model.unet, path, scale, merge)
+        if few_step is not None:
+            self._before_few_step.setdefault(name, self.model.config.defaults)
+            defaults = replace(self.model.config.defaults, **few_step)
+            self.model.config = replace(self.model.config, defaults=defaults)
+        self.model.config = replace(self.model.config, unet=self.model.unet.config)  # with a guidance embedding
+        return name
 
     def unload_lora(self, name: str | None = None) -> None:
         """Take off the adapter ``name`` (default: all of them), restoring the base weights bit for bit."""
         if self._graphs is not None:
             self._graphs.reset()
         adapters.unload_lora(self.model.unet, name)
+        for each in [name] if name is not None else reversed(list(self._before_few_step)):
+            if each in self._before_few_step:  # the defaults as they were before this few-step student came
+                self.model.config = replace(self.model.config, defaults=self._before_few_step.pop(each))
+        self.model.config = replace(self.model.config, unet=self.model.unet.config)
 
     @property
     def facts(self) -> ModelFacts:
