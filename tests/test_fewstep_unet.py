@@ -273,9 +273,11 @@ def test_bad_mcm_loras_are_one_line_naming_the_layer(tmp_path: Path):
     key = f"base_model.model.{layer}.lora_A.weight"
     cases = {
         "truncated": ({k: v for k, v in good.items() if k != key}, f"layer {layer} has a down or an up"),
-        "extra": ({**good, **{k.replace(layer, "nowhere.conv1"): v for k, v in good.items() if layer in k}},
-                  "lacks: nowhere.conv1"),  # fmt: skip
-        "wrong shape": ({**good, key: good[key][:, :, :2]}, f"{layer} has shapes"),
+        "extra": (
+            {**good, **{k.replace(layer, "nowhere.conv1"): v.clone() for k, v in good.items() if layer in k}},
+            "lacks: nowhere.conv1",
+        ),  # fmt: skip
+        "wrong shape": ({**good, key: good[key][:, :, :2].contiguous()}, f"{layer} has shapes"),
     }
     for state, message in cases.values():
         save_file(state, str(file))

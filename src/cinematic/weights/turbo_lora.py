@@ -19,7 +19,6 @@ checks this order against diffusers' ``UNet3DConditionModel`` module for module.
 from __future__ import annotations
 
 import pickle
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,7 +73,7 @@ def read_turbo_lora(path: Path) -> list[torch.Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CinematicError(f"cannot read {path} as a T2V-Turbo LoRA (a torch.save list of tensors): {first}") from None
+        raise CinematicError(f"cannot read {path} as a T2V-Turbo LoRA (a list of tensors): {first}") from None
     if not isinstance(data, list | tuple) or not all(isinstance(t, torch.Tensor) for t in data):
         raise CinematicError(
             f"{path} is not a T2V-Turbo LoRA: expected a list of tensors [up, down, ...], found {type(data).__name__}"
@@ -84,13 +83,24 @@ def read_turbo_lora(path: Path) -> list[torch.Tensor]:
     return [t.float() for t in data]
 
 
+def _file_rank(tensors: list[torch.Tensor], layers: list[tuple[str, nn.Module]]) -> int:
+    """The file's rank: that of its first layer wider than it (a narrower layer has its width instead), read from
+    the start of the list, where a shifted or damaged tensor later on cannot mislead it."""
+    seen = []
+    for (name, layer), down in zip(layers, tensors[1::2]):
+        if down.ndim < 2:
+            break
+        if down.shape[0] < min(lora_adapters.features(name, layer)):
+            return down.shape[0]
+        seen.append(down.shape[0])
+    return max(seen, default=0)
+
+
 def convert_turbo_lora(tensors: list[torch.Tensor], unet: nn.Module, what: str) -> AdapterState:
     """The ordered list -> ``{layer: (down, up, alpha)}`` for ``unet`` (which must have the guidance embedding),
     checking every shape and the count; the error names the first layer that does not fit."""
     layers = list(reference_layers(unet).items())
-    downs = [t for t in tensors[1::2] if t.ndim >= 2]
-    # The file's rank: the one most layers have (a layer narrower than it has its width instead).
-    rank = Counter(t.shape[0] for t in downs).most_common(1)[0][0] if downs else 0
+    rank = _file_rank(tensors, layers)
     state: AdapterState = {}
     for i, (name, layer) in enumerate(layers[: len(tensors) // 2]):
         up, down = tensors[2 * i], tensors[2 * i + 1]
