@@ -12,7 +12,7 @@ The format, as T2V-Turbo writes and reads it (``Ji4chenLi/t2v-turbo``: ``utils/l
 Our module names are diffusers', so the reference order is our layers' order but for two places where that UNet
 registers modules in another order than it runs them: ``up_blocks`` before ``mid_block`` (diffusers creates both
 ModuleLists before the middle block), and ``time_embedding.cond_proj`` between ``linear_1`` and ``linear_2``.
-``FrameConv`` is our stand-in for the reference's ``nn.Conv3d`` (same weight, same keys). tests/test_turbo_lora.py
+``FrameConv`` is our stand-in for the reference's ``nn.Conv3d`` (same weight, same keys). tests/test_fewstep_unet.py
 checks this order against diffusers' ``UNet3DConditionModel`` module for module.
 """
 
