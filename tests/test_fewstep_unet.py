@@ -153,6 +153,23 @@ def test_our_layer_order_is_the_references():
     assert names.index("up_blocks.0.resnets.0.conv1") < names.index("mid_block.resnets.0.conv1")
 
 
+def test_full_size_order_and_the_published_files_shapes():
+    """At the published size (on the meta device): the same order as diffusers', and the shapes the published
+    ``unet_lora.pt`` holds (rank 32; conv_in and conv_out capped at 4)."""
+    from cinematic.models.unet3d import UNET_FULL
+
+    full = dataclasses.replace(UNET_FULL, time_cond_proj_dim=256)
+    with torch.device("meta"):
+        ours, ref = UNet3D(full), diffusers_unet(full)
+    layers = reference_layers(ours)
+    assert list(layers) == reference_layer_names(ref)
+    shapes = {n: lora_adapters.pair_shapes(n, m, min(32, *lora_adapters.features(n, m))) for n, m in layers.items()}
+    assert len(layers) == 575  # so the published list holds 1150 tensors
+    assert shapes["conv_in"] == ((4, 4, 3, 3), (320, 4, 1, 1))
+    assert shapes["time_embedding.cond_proj"] == ((32, 256), (320, 32))
+    assert shapes["down_blocks.0.temp_convs.0.conv1.2"] == ((32, 320, 3, 1, 1), (320, 32, 1, 1, 1))
+
+
 @pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("base_has_embedding", [True, False])
 def test_turbo_lora_matches_the_reference(tmp_path: Path, merge: bool, base_has_embedding: bool):
