@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cinematic.errors import CinematicError
-from cinematic.lora_loading import FEW_STEP_DEFAULTS, MCM, T2V_TURBO, load_lora, lora_file, unload_lora
+from cinematic.lora_loading import FEW_STEP_DEFAULTS, MCM, OTHER, T2V_TURBO, load_lora, lora_file, unload_lora
 from cinematic.models import lora_adapters, modifications
 from cinematic.models.unet3d import UNET_TINY, UNet3D
 from cinematic.models.unet3d_blocks import guidance_embedding
@@ -301,6 +302,9 @@ def test_bad_mcm_loras_are_one_line_naming_the_layer(tmp_path: Path):
         with pytest.raises(CinematicError, match=message) as error:
             load_lora(ours, folder)
         assert "\n" not in str(error.value) and modifications.active(ours) == []
+    # A PEFT folder under another name is a plain LoRA: it brings no sampler settings.
+    shutil.copytree(folder, tmp_path / "style")
+    assert lora_file(tmp_path / "style")[1] == OTHER
 
 
 # --- by file, folder or hub id, and the sampler defaults -------------------------------------------------------
