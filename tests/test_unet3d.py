@@ -59,6 +59,7 @@ def diffusers_unet(config: UNet3DConfig) -> UNet3DConditionModel:
         norm_eps=config.norm_eps,
         cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=config.head_dim,  # diffusers' name for it; see reference-model.md §3.1
+        time_cond_proj_dim=config.time_cond_proj_dim,
     )
 
 

@@ -86,13 +86,13 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
 
 
 def _lora_specs(specs: list[str]) -> list[tuple[str, float]]:
-    """``--lora path[:scale]`` values, checked (the files exist, the scales are numbers) before any heavy work."""
-    from cinematic.lora_loading import parse_spec
-    from cinematic.weights.lora_formats import adapter_file
+    """``--lora path[:scale]`` values (a file, a folder or a hub id), checked (the files exist, the scales are
+    numbers) before any heavy work."""
+    from cinematic.lora_loading import lora_file, parse_spec
 
     parsed = [parse_spec(spec) for spec in specs]
     for path, _ in parsed:
-        adapter_file(path)
+        lora_file(path)
     return parsed
 
 
@@ -281,8 +281,9 @@ def _add_generate_parser(commands: Any) -> None:
     gen.add_argument("--tokenizer", help="folder with vocab.json and merges.txt, for ModelScope folders without one")
     gen.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]",
-        help="apply a LoRA adapter (a .safetensors file or a folder with one; cinematic's or diffusers' layout) at "
-        "strength SCALE (default 1); repeat for several",
+        help="apply a LoRA adapter at strength SCALE (default 1); repeat for several. PATH: a file, a folder or a hub "
+        "id (owner/name[/folder]); cinematic's, diffusers' and PEFT layouts, and the few-step students T2V-Turbo-MS "
+        "(unet_lora.pt) and MCM, which also set their sampler defaults (docs/few-step.md)",
     )  # fmt: skip
     gen.add_argument("--lora-merge", action="store_true", help="fold the LoRA adapters into the weights (faster)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -100,6 +100,7 @@ class Pipeline:
         self._graphs: CUDAGraphs | None = None
         self.memory = Memory.for_device(self.device)  # unless a call says; the CLI also frees the text encoder
         self.check_memory = True  # a call that would not fit goes low-memory or is refused before it starts
+        self.defaults_before: dict[str, Any] = {}  # by LoRA name: the defaults a few-step LoRA replaced
 
     @classmethod
     def from_pretrained(
@@ -143,17 +144,17 @@ class Pipeline:
         self._fast_unet = self._graphs or (unet if compile is not None else None)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, merge: bool = False) -> str:
-        """Apply the LoRA adapter at ``path`` with strength ``scale`` (see
-        :func:`cinematic.lora_loading.load_lora`); returns its name for :meth:`unload_lora`."""
+        """Apply the LoRA adapter at ``path`` (a file, folder or hub id) with strength ``scale`` (see
+        :func:`load_lora_into`); returns its name for :meth:`unload_lora`."""
         if self._graphs is not None:
             self._graphs.reset()  # the recordings would run the layers as they were
-        return adapters.load_lora(self.model.unet, path, scale, merge)
+        return load_lora_into(self.model, self.defaults_before, path, scale, merge)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Take off the adapter ``name`` (default: all of them), restoring the base weights bit for bit."""
         if self._graphs is not None:
             self._graphs.reset()
-        adapters.unload_lora(self.model.unet, name)
+        unload_lora_from(self.model, self.defaults_before, name)
 
     @property
     def facts(self) -> ModelFacts:
@@ -286,6 +287,29 @@ class Pipeline:
         prompt = request.prompts[index // request.num_videos]
         values = replace(request.settings, prompt=prompt, seed=request.seeds[index]).values()
         return {**with_old_names(values), "model": self.model.source, "generator": "cinematic"}
+
+
+def load_lora_into(model: Model, before: dict[str, Any], path: str | Path, scale: float, merge: bool) -> str:
+    """Load a LoRA onto ``model``'s UNet (:func:`cinematic.lora_loading.load_lora`); returns its name. A few-step
+    student's sampler settings (``lora_loading.FEW_STEP_DEFAULTS``) become the model's defaults until it is unloaded
+    (``before`` keeps the ones they replaced; settings a call names still win), and the model's config takes the
+    UNet's (a T2V-Turbo LoRA gives it a guidance embedding)."""
+    few_step = adapters.few_step_defaults(path)
+    name = adapters.load_lora(model.unet, path, scale, merge)
+    if few_step is not None:
+        before[name] = model.config.defaults
+        model.config = replace(model.config, defaults=replace(model.config.defaults, **few_step))
+    model.config = replace(model.config, unet=model.unet.config)
+    return name
+
+
+def unload_lora_from(model: Model, before: dict[str, Any], name: str | None) -> None:
+    """Take LoRA ``name`` (None: all) off ``model``'s UNet; the defaults each few-step student replaced come back."""
+    adapters.unload_lora(model.unet, name)
+    for each in [name] if name is not None else reversed(list(before)):
+        if each in before:
+            model.config = replace(model.config, defaults=before.pop(each))
+    model.config = replace(model.config, unet=model.unet.config)
 
 
 def check_acceleration(compile: Any, cuda_graphs: bool, device: torch.device | str) -> None:

@@ -33,7 +33,8 @@ from typing import Any
 
 from cinematic.errors import CinematicError
 
-SAMPLER_NAMES = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral")  # diffusion.samplers.SAMPLERS
+# diffusion.samplers.SAMPLERS
+SAMPLER_NAMES = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral", "lcm")
 SEED_RANGE = 2**32  # seeds are unsigned 32-bit, as users copy them between tools
 SIZE_MULTIPLE = 8
 MIN_SIZE = 64  # for models trained at that size or more; a model trained smaller allows its own size
@@ -149,6 +150,10 @@ class Settings:
     sampler: str = setting("ddim", "the sampler", choices=SAMPLER_NAMES)
     eta: float = setting(0.0, "DDIM's stochasticity (0: deterministic; euler_ancestral: 0 means its own 1)", low=0,
                          high=1)  # fmt: skip
+    timestep_scaling: float = setting(
+        10.0, "lcm only: the timestep scaling of the consistency boundary conditions (T2V-Turbo 10, MCM 4)", low=0.001,
+        high=1000,
+    )  # fmt: skip
     fps: float | None = setting(None, "frame rate of the file (default: the model's)", low=1, high=240,
                                 model_default="fps")  # fmt: skip
     # Fast modes (docs/performance.md): each changes the result a little, all off by default.

@@ -15,7 +15,7 @@ from cinematic.models.checks import boolean, integer, mapping, number
 from cinematic.models.text_encoder import TextEncoderConfig
 from cinematic.models.unet3d import UNet3DConfig
 from cinematic.models.vae import VAEConfig
-from cinematic.settings import spec
+from cinematic.settings import SettingError, check, spec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -76,6 +76,9 @@ class ScheduleConfig:
         return rescale_zero_terminal_snr(table) if self.zero_terminal_snr else table
 
 
+SAMPLER_DEFAULTS = ("sampler", "num_inference_steps", "guidance_scale", "timestep_scaling")
+
+
 @dataclass(frozen=True)
 class Defaults:
     """Generation defaults that a checkpoint was trained for (zeroscope_v2_576w, say, is 24 frames at 576x320)."""
@@ -84,6 +87,10 @@ class Defaults:
     height: int = 256
     width: int = 256
     fps: int = 8
+    sampler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 9.0
+    timestep_scaling: float = 10.0
 
     def __post_init__(self):
         # The bounds are the settings' own (each declared once, in settings.py): a default must be a valid setting.
@@ -93,6 +100,11 @@ class Defaults:
             if bounds.multiple_of and value % bounds.multiple_of:
                 raise CinematicError(f"defaults.{name} must be a multiple of {bounds.multiple_of}, got {value}")
         number(self.fps, "defaults.fps", spec("fps").low, spec("fps").high)
+        for name in SAMPLER_DEFAULTS:  # a few-step student's own sampler settings (lora_loading.FEW_STEP_DEFAULTS)
+            try:
+                check(name, getattr(self, name))
+            except SettingError as e:
+                raise CinematicError(f"defaults.{e}") from None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""LoRA adapters on the UNet's attention projections (Hu et al. 2021, "LoRA: Low-Rank Adaptation").
+"""LoRA adapters on the UNet's layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation"): training adapts the attention
+projections; loaded files may adapt any linear layer or convolution (a convolution's ``down`` has its kernel, ``up`` is
+1x1, as in PEFT and T2V-Turbo).
 
 A wrapped projection computes ``W x + scale * (alpha / rank) * up(down(x))``. The adapter lives beside the layer it
 adapts, as ``<layer>.lora_adapters.<name>.{down,up}``, and reaches the layer's output through a forward hook, so the
@@ -72,10 +74,26 @@ def check_scale(scale: object) -> float:
 class Adapter(nn.Module):
     """``factor * up(down(x))`` with ``factor = scale * alpha / rank``; ``merged`` adapters add nothing here."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, scale: float = 1.0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        scale: float = 1.0,
+        conv: nn.Conv2d | nn.Conv3d | None = None,
+    ):
+        """A linear adapter, or with ``conv`` a convolution's: ``down`` with the layer's kernel, stride, padding and
+        dilation, ``up`` 1x1 (as PEFT's and T2V-Turbo's convolution LoRAs), so ``up(down(x))`` is the convolution
+        with the weight ``up @ down``."""
         super().__init__()
-        self.down = nn.Linear(in_features, rank, bias=False)  # PEFT's lora_A: PyTorch's Linear init
-        self.up = nn.Linear(rank, out_features, bias=False)  # PEFT's lora_B: zeros
+        if conv is None:
+            self.down = nn.Linear(in_features, rank, bias=False)  # PEFT's lora_A: PyTorch's Linear init
+            self.up = nn.Linear(rank, out_features, bias=False)  # PEFT's lora_B: zeros
+        else:
+            kind = nn.Conv3d if isinstance(conv, nn.Conv3d) else nn.Conv2d
+            self.down = kind(in_features, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False)
+            self.up = kind(rank, out_features, 1, bias=False)
         nn.init.zeros_(self.up.weight)
         self.rank, self.alpha, self.scale = rank, float(alpha), float(scale)
         self.merged = False
@@ -90,8 +108,10 @@ class Adapter(nn.Module):
         return self.up(self.down(x.to(self.down.weight.dtype))) * self.factor
 
     def delta(self) -> torch.Tensor:
-        """The update of the layer's weight, ``[out, in]``, in float32."""
-        return (self.up.weight.float() @ self.down.weight.float()) * self.factor
+        """The update of the layer's weight, ``[out, in]`` (a convolution's ``[out, in, *kernel]``), in float32."""
+        down, up = self.down.weight.float(), self.up.weight.float()
+        update = up.flatten(1) @ down.flatten(1)  # [out, rank] @ [rank, in * kernel] -> [out, in * kernel]
+        return update.reshape(up.shape[0], *down.shape[1:]) * self.factor
 
 
 class AdapterSet(nn.ModuleDict):
@@ -134,8 +154,7 @@ def attach(
     """Add a fresh adapter ``name`` to each of ``unet``'s ``layers`` (rank and alpha per layer), recorded as one change
     of ``unet``; returns the adapters by layer name."""
     for layer_name, layer in layers.items():
-        if not hasattr(layer, "in_features"):
-            raise CinematicError(f"{layer_name} is not a linear layer and cannot take a LoRA adapter")
+        features(layer_name, layer)
         if name in getattr(layer, ADAPTERS, {}):
             raise CinematicError(f"an adapter named {name!r} is already loaded")
     adapters = {}
@@ -143,7 +162,9 @@ def attach(
         if not hasattr(layer, ADAPTERS):
             setattr(layer, ADAPTERS, AdapterSet(layer))
         weight = _stored_weight(layer)
-        adapter = Adapter(layer.in_features, layer.out_features, ranks[layer_name], alphas[layer_name], scale)
+        n_in, n_out = features(layer_name, layer)
+        conv = layer if isinstance(layer, nn.Conv2d | nn.Conv3d) else None
+        adapter = Adapter(n_in, n_out, ranks[layer_name], alphas[layer_name], scale, conv)
         getattr(layer, ADAPTERS)[name] = adapter.to(
             device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None
         )
@@ -163,6 +184,32 @@ def attach(
 
     modifications.record(unet, "lora", name, detach, graph_safe=adds_nothing)
     return adapters
+
+
+def features(layer_name: str, layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of a layer that can take an adapter: a linear layer or an ungrouped 2-D or 3-D
+    convolution (the UNet's frame convolutions are 3-D)."""
+    if isinstance(layer, nn.Conv2d | nn.Conv3d) and layer.groups == 1:
+        return layer.in_channels, layer.out_channels
+    if hasattr(layer, "in_features") and not isinstance(layer, nn.Conv2d | nn.Conv3d):
+        return layer.in_features, layer.out_features
+    raise CinematicError(f"{layer_name} is not a linear layer or a convolution and cannot take a LoRA adapter")
+
+
+def adaptable(layer: nn.Module) -> bool:
+    """Whether ``layer`` can take an adapter (see :func:`features`)."""
+    try:
+        features("", layer)
+    except CinematicError:
+        return False
+    return True
+
+
+def pair_shapes(layer_name: str, layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of a rank-``rank`` adapter's ``down`` and ``up`` weights for ``layer``."""
+    n_in, n_out = features(layer_name, layer)
+    kernel = tuple(layer.kernel_size) if isinstance(layer, nn.Conv2d | nn.Conv3d) else ()
+    return (rank, n_in, *kernel), (n_out, rank, *(1 for _ in kernel))
 
 
 def adapters_of(unet: nn.Module, name: str) -> dict[str, Adapter]:
@@ -289,7 +336,7 @@ def load_adapter(
 ) -> dict[str, Adapter]:
     """Attach ``state`` (as :func:`adapter_state` returns it) as adapter ``name``; strict about layers and shapes."""
     modules = dict(unet.named_modules())
-    unknown = sorted(layer for layer in state if layer not in modules or not layer.endswith(PROJECTIONS))
+    unknown = sorted(layer for layer in state if layer not in modules or not adaptable(modules[layer]))
     if len(unknown) == len(state):
         raise CinematicError(f"{what} matches no layer of this model (e.g. {unknown[0] if unknown else 'no keys'})")
     if unknown:
@@ -298,11 +345,12 @@ def load_adapter(
     layers = {layer: modules[layer] for layer in state}
     for layer_name, (down, up, _) in state.items():
         layer = layers[layer_name]
-        rank = down.shape[0] if down.ndim == 2 else -1
-        if down.shape != (rank, layer.in_features) or up.shape != (layer.out_features, rank):
+        expected = pair_shapes(layer_name, layer, down.shape[0] if down.ndim else -1)
+        if (tuple(down.shape), tuple(up.shape)) != expected:
+            n_in, n_out = features(layer_name, layer)
             raise CinematicError(
                 f"{what}: {layer_name} has shapes {tuple(down.shape)} and {tuple(up.shape)}, but the layer maps "
-                f"{layer.in_features} to {layer.out_features} features"
+                f"{n_in} to {n_out} features (expected {expected[0]} and {expected[1]})"
             )
     ranks = {layer: down.shape[0] for layer, (down, _, _) in state.items()}
     alphas = {layer: alpha for layer, (_, _, alpha) in state.items()}

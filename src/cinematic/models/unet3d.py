@@ -9,10 +9,14 @@ Module names mirror diffusers so its checkpoints load with ``load_state_dict(str
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cinematic.errors import CinematicError
+from cinematic.models import modifications
 from cinematic.models.feature_cache import DeepCache
 from cinematic.models.layers import GroupNorm
 from cinematic.models.unet3d_blocks import (
@@ -22,6 +26,7 @@ from cinematic.models.unet3d_blocks import (
     TimestepEmbedding,
     UpBlock3D,
     fold_frames,
+    guidance_embedding,
     timestep_embedding,
     unfold_frames,
 )
@@ -52,7 +57,7 @@ class UNet3D(nn.Module):
         widths = [level.channels for level in config.levels]
         c0 = widths[0]
         self.conv_in = nn.Conv2d(config.in_channels + config.coordinate_channels, c0, 3, padding=1)
-        self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim, config.time_cond_proj_dim)
         if config.options.pooled_text:
             self.text_embedding = TimestepEmbedding(config.cross_attention_dim, config.time_embed_dim)
         if config.options.text_planes:
@@ -98,15 +103,35 @@ class UNet3D(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
-    def embed_time(self, t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-        """Timesteps (scalar, ``[1]`` or ``[B]``) -> ``[B, 4*C0]``; the sinusoid stays float32 until the MLP."""
-        t = torch.as_tensor(t, device=device)
-        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-        emb = timestep_embedding(t, self.config.levels[0].channels)
-        return self.time_embedding(emb.to(self.dtype))
+    def embed_time(
+        self, t: torch.Tensor | float, batch: int, device: torch.device, guidance: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """Timesteps (scalar, ``[1]`` or ``[B]``) -> ``[B, 4*C0]``; the sinusoids stay float32 until the MLP.
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """With a feature cache attached (:func:`cinematic.models.feature_cache.caching`), a cached step runs only the
+        ``guidance``: the guidance scale w (scalar, ``[1]`` or ``[B]``) of a UNet with a guidance embedding
+        (``config.time_cond_proj_dim``). Such a UNet called without one skips ``cond_proj``, as diffusers' does
+        without ``timestep_cond``; a UNet without the embedding refuses a guidance scale.
+        """
+        emb = timestep_embedding(_per_video(t, batch, device), self.config.levels[0].channels)
+        cond = None
+        if guidance is not None:
+            dim = self.config.time_cond_proj_dim
+            if dim is None or self.time_embedding.cond_proj is None:
+                raise CinematicError(
+                    "this UNet has no guidance embedding (time_cond_proj_dim): call it without a guidance scale"
+                )
+            cond = guidance_embedding(_per_video(guidance, batch, device), dim).to(self.dtype)
+        return self.time_embedding(emb.to(self.dtype), cond)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        context: torch.Tensor,
+        guidance: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``guidance``: the guidance scale w, for a UNet with a guidance embedding (see :meth:`embed_time`).
+        With a feature cache attached (:func:`cinematic.models.feature_cache.caching`), a cached step runs only the
         first ``cache.depth`` levels of the encoder and the last of the decoder."""
         b, _, frames, _, _ = x.shape
         cache, deep = self.feature_cache, None
@@ -115,7 +140,7 @@ class UNet3D(nn.Module):
             deep = cache.lookup(x, context)
         levels = len(self.down_blocks) if deep is None else cache.depth
         # Time embedding and text context are per video; every frame gets its video's copy.
-        temb = self.embed_time(t, b, x.device)
+        temb = self.embed_time(t, b, x.device, guidance)
         options = self.config.options
         pooled = context.mean(dim=1) if options.pooled_text or options.text_planes else None  # [B,D]
         if options.pooled_text:
@@ -171,3 +196,38 @@ def coordinate_planes(x: torch.Tensor) -> torch.Tensor:
 
     f, r, c = torch.meshgrid(axis(frames), axis(h), axis(w), indexing="ij")
     return torch.stack([c, r, f]).to(x.dtype).expand(b, 3, frames, h, w)
+
+
+def _per_video(value: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """A scalar, ``[1]`` or ``[B]`` value (a timestep, a guidance scale) as ``[B]``."""
+    value = torch.as_tensor(value, device=device)
+    return value.reshape(-1).expand(batch) if value.numel() == 1 else value.reshape(batch)
+
+
+def add_guidance_embedding(unet: UNet3D, dim: int, detail: str = "") -> modifications.Modification:
+    """Give ``unet``, which has none, a guidance embedding of width ``dim`` (``config.time_cond_proj_dim``) whose
+    ``cond_proj`` is zero, so that the UNet computes exactly what it did until something (a LoRA) changes that
+    weight; recorded as a change of ``unet`` (kind ``"guidance_embedding"``), undone by taking it off again.
+
+    Zero, not a random initialisation: T2V-Turbo builds its student's ``cond_proj`` at PyTorch's default random
+    initialisation, unseeded, and saves only the LoRA update on top of it, so the reference adds a different random
+    projection of the guidance embedding to the timestep embedding in every run. Zero is that initialisation's mean:
+    the guidance scale then acts through the trained update alone, and every run gives the same video.
+    """
+    if unet.config.time_cond_proj_dim is not None:
+        raise CinematicError(
+            f"this UNet already has a guidance embedding (time_cond_proj_dim={unet.config.time_cond_proj_dim})"
+        )
+    before = unet.config
+    ref = unet.time_embedding.linear_1.weight
+    proj = nn.Linear(dim, before.levels[0].channels, bias=False, device=ref.device, dtype=ref.dtype)
+    nn.init.zeros_(proj.weight)
+    unet.time_embedding.cond_proj = proj
+    unet.config = dataclasses.replace(before, time_cond_proj_dim=dim)
+
+    def remove() -> None:
+        del unet.time_embedding.cond_proj  # out of the submodules, so out of the state dict
+        unet.time_embedding.cond_proj = None
+        unet.config = before
+
+    return modifications.record(unet, "guidance_embedding", detail, remove, graph_safe=True)

@@ -59,6 +59,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The embedding of a guidance scale that guidance-distilled students take (LCM, Luo et al. 2023; T2V-Turbo):
+    ``[sin(1000 w f_i), cos(1000 w f_i)]`` with ``f_i = exp(-ln(10000) i / (half - 1))``, sin first, and one zero
+    column for an odd ``dim``. Sin-first and the ``half - 1`` are what diffusers' ``get_guidance_scale_embedding`` and
+    T2V-Turbo's ``get_w_embedding`` compute (both from VDM's code), unlike :func:`timestep_embedding`.
+
+    ``w``: ``[B]``. Returns float32 ``[B, dim]`` (the arguments reach 15000 rad at w = 15).
+    """
+    half = dim // 2
+    # Computed as the references do, in float32 and in their order: at w * 1000 up to 15000 rad, one ulp of a
+    # frequency moves the phase by about 1e-3.
+    step = torch.log(torch.tensor(10000.0, device=w.device)) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -step)
+    args = (w.float() * 1000.0)[:, None] * freqs[None, :]  # [B, half]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 def maybe_checkpoint(fn: Callable[..., torch.Tensor], enabled: bool, *args: object) -> torch.Tensor:
     """Run ``fn(*args)``, recomputing its activations in the backward pass when ``enabled`` (training)."""
     if enabled and torch.is_grad_enabled():
@@ -67,14 +85,22 @@ def maybe_checkpoint(fn: Callable[..., torch.Tensor], enabled: bool, *args: obje
 
 
 class TimestepEmbedding(nn.Module):
-    """Linear -> SiLU -> Linear from the sinusoid width to the embedding width (keys linear_1, linear_2)."""
+    """Linear -> SiLU -> Linear from the sinusoid width to the embedding width (keys linear_1, linear_2).
 
-    def __init__(self, in_dim: int, embed_dim: int):
+    With ``cond_dim``, a bias-free ``cond_proj`` maps a condition (the guidance embedding) onto the input first, as
+    diffusers' ``TimestepEmbedding(cond_proj_dim=...)`` does. It is registered between the two linears, where
+    diffusers registers it: T2V-Turbo's LoRA files list their layers in module order (weights/turbo_lora.py).
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, embed_dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            x = x + self.cond_proj(cond)  # [B,D_cond] -> [B,D_in]
         return self.linear_2(F.silu(self.linear_1(x)))
 
 

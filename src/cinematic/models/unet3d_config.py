@@ -89,6 +89,11 @@ class UNet3DConfig:
     # The bundled shapes model's additions to the architecture (see :class:`ShapesOptions`); None in every published
     # model, and then absent from the stored config.
     shapes: ShapesOptions | None = None
+    # The guidance embedding of guidance-distilled students (T2V-Turbo; LCM, Luo et al. 2023): the width of a sinusoidal
+    # embedding of the guidance scale w * 1000, which `time_embedding.cond_proj` (bias-free) maps onto the timestep
+    # sinusoid, as diffusers' `UNet3DConditionModel(time_cond_proj_dim=...)` does. None in every base model, and then
+    # absent from the stored config.
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.levels, list | tuple) or not 1 <= len(self.levels) <= MAX_LEVELS:
@@ -99,6 +104,8 @@ class UNet3DConfig:
         integer(self.layers_per_block, "unet.layers_per_block", 1, MAX_LAYERS_PER_BLOCK)
         integer(self.transformer_in_heads, "unet.transformer_in_heads", 1, MAX_CHANNELS)
         number(self.norm_eps, "unet.norm_eps", 0, 1, open_low=True)
+        if self.time_cond_proj_dim is not None:
+            integer(self.time_cond_proj_dim, "unet.time_cond_proj_dim", 1, MAX_CHANNELS)
         if self.shapes is not None and not isinstance(self.shapes, ShapesOptions):
             raise CinematicError(f"unet.shapes must be a set of shapes options, got {self.shapes!r:.40}")
         for i, level in enumerate(self.levels):
@@ -126,6 +133,8 @@ class UNet3DConfig:
             + sizes.linear(c0, temb)
             + sizes.linear(temb, temb)
         )
+        if self.time_cond_proj_dim is not None:
+            total += sizes.linear(self.time_cond_proj_dim, c0, bias=False)
         if self.options.pooled_text:
             total += sizes.linear(self.cross_attention_dim, temb) + sizes.linear(temb, temb)
         if self.options.text_planes:
@@ -160,10 +169,12 @@ class UNet3DConfig:
         return self.cross_attention_dim if self.options.temporal_context else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as stored in ``model.json``; ``shapes`` only when the model has shapes options."""
+        """The config as stored in ``model.json``; ``shapes`` and ``time_cond_proj_dim`` only when set."""
         data = dataclasses.asdict(self)
         if self.shapes is None:
             del data["shapes"]
+        if self.time_cond_proj_dim is None:
+            del data["time_cond_proj_dim"]
         return data
 
     @classmethod

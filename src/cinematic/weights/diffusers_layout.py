@@ -47,7 +47,6 @@ _UNET_FIXED = {  # key: the only value our UNet implements
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "num_attention_heads": None,  # diffusers itself refuses a non-None value for this model
-    "time_cond_proj_dim": None,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
 }
@@ -107,6 +106,7 @@ def parse_unet_config(config: dict[str, Any], where: Path) -> UNet3DConfig:
     used = {
         "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
         "layers_per_block", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim",
+        "time_cond_proj_dim",
     }  # fmt: skip
     _check_keys(config, used, _UNET_FIXED, _UNET_IGNORED, where)
     with config_file(where):
@@ -131,7 +131,14 @@ def parse_unet_config(config: dict[str, Any], where: Path) -> UNet3DConfig:
             ),
             norm_groups=integer(config.get("norm_num_groups", 32), "norm_num_groups", 1, MAX_CHANNELS),
             norm_eps=number(config.get("norm_eps", 1e-5), "norm_eps", 0, 1, open_low=True),
+            time_cond_proj_dim=_optional_width(config, "time_cond_proj_dim"),
         )
+
+
+def _optional_width(config: dict[str, Any], key: str) -> int | None:
+    """A width that may be absent or null (diffusers writes null for "none")."""
+    value = config.get(key)
+    return None if value is None else integer(value, key, 1, MAX_CHANNELS)
 
 
 def parse_sample_size(config: dict[str, Any], where: Path) -> tuple[int, int] | None:

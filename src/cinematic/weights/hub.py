@@ -93,3 +93,31 @@ def download_tokenizer(repo_id: str = TOKENIZER_REPO) -> Path:
             f"{repo_id} is not in the Hugging Face cache nor reachable ({type(e).__name__})"
         ) from None
     return paths[0].parent
+
+
+def download_lora(repo_id: str, subfolder: str = "") -> Path:
+    """The folder of a LoRA hub repo (``subfolder`` inside it, when given): the copy in the local Hugging Face cache
+    when there is one, else downloaded (only the adapter files: ``.pt``, ``.safetensors`` and their JSON)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    inside = f"{subfolder.strip('/')}/" if subfolder.strip("/") else ""
+    patterns = [f"{inside}*.pt", f"{inside}*.safetensors", f"{inside}*.json"]
+    if not inside:  # a repo of several adapters (yhzhai/mcm): their folders, to list them
+        patterns += ["*/*.safetensors", "*/*.json"]
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError):
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as e:
+            raise CinematicError(
+                f"LoRA hub id {repo_id}: not in the local Hugging Face cache and the hub cannot be reached "
+                f"({type(e).__name__})"
+            ) from None
+        except HfHubHTTPError as e:
+            raise CinematicError(f"LoRA hub id {repo_id}: download failed: {str(e).splitlines()[0]}") from None
+    target = folder / inside
+    if not target.is_dir():
+        raise CinematicError(f"LoRA hub id {repo_id} has no folder {subfolder!r}")
+    return target

@@ -34,6 +34,7 @@ from cinematic.weights.files import read_safetensors, read_safetensors_header
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
 INFO_NAME = "lora.json"
+PEFT_CONFIG = "adapter_config.json"  # PEFT's save_pretrained writes it beside adapter_model.safetensors
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PREFIXES = ("unet.", "base_model.model.")
 # key ending -> (what the key names before it, which matrix)
@@ -93,6 +94,8 @@ def _info(file: Path) -> dict[str, Any]:
             meta = {}
         if isinstance(meta, dict) and "unet.lora_alpha" in meta:
             return {"rank": meta.get("unet.r"), "alpha": meta["unet.lora_alpha"], "targets": meta.get("unet.targets")}
+    if (file.parent / PEFT_CONFIG).is_file():
+        return peft_info(file.parent / PEFT_CONFIG)
     sidecar = file.parent / INFO_NAME
     if sidecar.is_file():
         try:
@@ -102,6 +105,28 @@ def _info(file: Path) -> dict[str, Any]:
         if isinstance(data, dict):
             return data
     return {}
+
+
+def peft_info(path: Path) -> dict[str, Any]:
+    """Rank and alpha from PEFT's ``adapter_config.json`` (``PeftModel.save_pretrained``; MCM's LoRAs). PEFT scales
+    the update by ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``; per-layer patterns and DoRA
+    change the update in ways this reader does not follow, so they are refused rather than loaded wrong."""
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise CinematicError(f"{path} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise CinematicError(f"{path} must hold a JSON object")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    for key, value in (("r", rank), ("lora_alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise CinematicError(f"{path}: {key} must be a positive number, not {value!r:.40}")
+    unsupported = [key for key in ("rank_pattern", "alpha_pattern", "use_dora") if config.get(key)]
+    if unsupported:
+        raise CinematicError(f"{path}: {', '.join(unsupported)} is not supported; allowed: one rank and alpha")
+    if config.get("use_rslora"):
+        alpha = alpha * rank**0.5  # alpha / sqrt(r) == (alpha sqrt(r)) / r
+    return {"rank": rank, "alpha": float(alpha)}
 
 
 def convert_adapter(state: dict[str, torch.Tensor], alpha: float | None, what: str) -> AdapterState:
