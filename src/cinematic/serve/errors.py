@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from cinematic.serve.store import StoreError
+
 from cinematic.serve.faults import describe
 from cinematic.serve.schemas import ErrorResponse
 
@@ -87,6 +89,7 @@ def add_error_handlers(app: FastAPI, scrub: Callable[[str], str]) -> None:
 
     app.add_exception_handler(OSError, storage)
     app.add_exception_handler(sqlite3.Error, storage)
+    app.add_exception_handler(StoreError, storage)  # a shared database that is down
 
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception) -> JSONResponse:  # Starlette logs the traceback
