@@ -25,8 +25,8 @@ from cinematic import video  # noqa: E402
 from cinematic.cli import main  # noqa: E402
 from cinematic.pipeline import Pipeline  # noqa: E402
 from cinematic.serve.pg_store import PostgresStore  # noqa: E402
-from cinematic.settings import ModelFacts, Settings  # noqa: E402
 from cinematic.serve.store import Params  # noqa: E402
+from cinematic.settings import ModelFacts, Settings  # noqa: E402
 from tests.serve_helpers import ROOT, ServerProcess, wait_for, wait_status  # noqa: E402
 
 QUICK = {"steps": 4, "frames": 8}  # a fraction of a second on one thread
@@ -204,7 +204,10 @@ def test_a_lease_that_runs_out_is_taken_over_and_completed_once(pg_url):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--store", "postgresql://nobody:s3cret@127.0.0.1:1/jobs"], r"cannot use the job store at postgresql://nobody:\*\*\*@127\.0\.0\.1:1/jobs: "),
+        (
+            ["--store", "postgresql://nobody:s3cret@127.0.0.1:1/jobs"],
+            r"cannot use the job store at postgresql://nobody:\*\*\*@127\.0\.0\.1:1/jobs: ",
+        ),
         (["--store", "mysql://u:s3cret@h/db"], r"--store mysql://u:\*\*\*@h/db: must be sqlite .* or a postgresql://"),
         (["--role", "worker"], r"--role worker needs a store shared with other servers"),
         (["--role", "boss"], r"argument --role: invalid choice"),

@@ -18,10 +18,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from cinematic.serve.store import StoreError
-
 from cinematic.serve.faults import describe
 from cinematic.serve.schemas import ErrorResponse
+from cinematic.serve.store import StoreError
 
 log = logging.getLogger("cinematic.serve")
 ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}

@@ -94,14 +94,20 @@ class PostgresStore:
         try:
             with self._connection() as db:
                 _migrate(db)
-        except StoreError as error:
-            raise CinematicError(f"cannot use the job store at {redacted(url)}: {error}") from error
+        except BaseException as error:
+            self._close_idle()
+            if isinstance(error, StoreError):
+                raise CinematicError(f"cannot use the job store at {redacted(url)}: {error}") from error
+            raise
         self._heartbeat = threading.Thread(target=self._beat, name="cinematic-store-heartbeat", daemon=True)
         self._heartbeat.start()
 
     def close(self) -> None:
         self._closing.set()
         self._heartbeat.join(10)
+        self._close_idle()
+
+    def _close_idle(self) -> None:
         while not self._idle.empty():
             self._idle.get_nowait().close()
 
@@ -256,10 +262,14 @@ class PostgresStore:
             if job_id in self._claims:
                 self._progress[job_id] = progress
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, attempt: int | None = None) -> bool:
+        """End the claim on ``job_id`` (only if it is ``attempt``, when given); whether there was one to end."""
         with self._claims_lock:
-            self._claims.pop(job_id, None)
+            if job_id not in self._claims or attempt not in (None, self._claims[job_id]):
+                return False
+            del self._claims[job_id]
             self._progress.pop(job_id, None)
+            return True
 
     def _beat(self) -> None:
         """Renew the lease of every held job and write its progress; a job that is no longer running under this
@@ -275,9 +285,8 @@ class PostgresStore:
                         "WHERE id = %(id)s AND status = 'in_progress' AND attempts = %(attempt)s",
                         {"lease": self.lease, "progress": progress, "id": job_id, "attempt": attempt},
                     )
-                    if not renewed:
+                    if not renewed and self._forget(job_id, attempt):  # not when its worker just recorded it
                         log.info("%s is no longer held by this server (cancelled, or its lease ran out)", job_id)
-                        self._forget(job_id)
             except Exception as error:  # the database is away: the leases may run out; the workers go on
                 if str(error) != fault:
                     log.warning("cannot renew the leases of running jobs: %s", error)
@@ -291,9 +300,7 @@ class PostgresStore:
         return bool(self._rows("SELECT 1 FROM cinematic_jobs WHERE id = %s AND status = %s", (job_id, DELETED)))
 
     def get(self, job_id: str) -> Job | None:
-        rows = self._rows(
-            f"SELECT {_RETURNED} FROM cinematic_jobs WHERE id = %s AND status != %s", (job_id, DELETED)
-        )
+        rows = self._rows(f"SELECT {_RETURNED} FROM cinematic_jobs WHERE id = %s AND status != %s", (job_id, DELETED))
         return _job(rows[0]) if rows else None
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[Job], bool]:
@@ -325,9 +332,7 @@ class PostgresStore:
         return {row[0] for row in self._rows("SELECT id FROM cinematic_jobs WHERE status = 'completed'")}
 
     def upload_names(self) -> set[str]:
-        rows = self._rows(
-            "SELECT params FROM cinematic_jobs WHERE status != %s AND params != '{}'", (DELETED,)
-        )
+        rows = self._rows("SELECT params FROM cinematic_jobs WHERE status != %s AND params != '{}'", (DELETED,))
         params = [Params.from_json(row[0]) for row in rows]
         return {name for p in params for name in (p.init_video, p.init_image) if name}
 
