@@ -18,7 +18,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from cinematic import video  # noqa: E402
 from cinematic.pipeline import Pipeline  # noqa: E402
 from cinematic.serve.files import Files  # noqa: E402
-from cinematic.serve.store import JobStore, Params, open_store  # noqa: E402
+from cinematic.serve.service import open_store  # noqa: E402
+from cinematic.serve.store import JobStore, Params  # noqa: E402
 from cinematic.settings import ModelFacts, Settings  # noqa: E402
 from tests.serve_helpers import ServerProcess, wait_for, wait_status  # noqa: E402
 

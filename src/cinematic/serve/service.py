@@ -17,8 +17,9 @@ from cinematic.errors import CinematicError
 from cinematic.serve.faults import Scrubber
 from cinematic.serve.files import Files, Inputs
 from cinematic.serve.metrics import Histogram
+from cinematic.serve.pg_store import PostgresStore
 from cinematic.serve.settings import Settings
-from cinematic.serve.store import Job, Params, open_store
+from cinematic.serve.store import Job, JobStore, Params, Store
 from cinematic.serve.worker import HEALTHY, Worker
 from cinematic.settings import ModelFacts
 
@@ -220,6 +221,14 @@ def _scrubber(settings: Settings) -> Scrubber:
             (settings.lora_dir, "the LoRA folder"),
         ]
     )
+
+
+def open_store(folder: Path, url: str | None, lease: float, max_attempts: int) -> JobStore:
+    """The SQLite store of ``folder`` when ``url`` is None, else the PostgreSQL store at ``url`` (psycopg is
+    imported only then)."""
+    if url is None:
+        return Store(folder)
+    return PostgresStore(url, lease=lease, max_attempts=max_attempts)
 
 
 class _Validator:

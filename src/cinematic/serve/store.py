@@ -14,7 +14,7 @@ Progress within a running job is not stored: it lives in the worker and is gone 
 
 This is the store of one server. A fleet of servers shares :class:`cinematic.serve.pg_store.PostgresStore`
 instead, which keeps rules 1 and 2 and replaces rule 3 by leases; both have the methods of :class:`JobStore`, and
-:func:`open_store` picks one from the settings.
+:func:`cinematic.serve.service.open_store` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -142,16 +142,6 @@ class JobStore(Protocol):
     def ids(self) -> set[str]: ...
     def completed_ids(self) -> set[str]: ...
     def upload_names(self) -> set[str]: ...
-
-
-def open_store(folder: Path, url: str | None, lease: float, max_attempts: int) -> JobStore:
-    """The SQLite store of ``folder`` when ``url`` is None, else the PostgreSQL store at ``url`` (psycopg is
-    imported only then)."""
-    if url is None:
-        return Store(folder)
-    from cinematic.serve.pg_store import PostgresStore
-
-    return PostgresStore(url, lease=lease, max_attempts=max_attempts)
 
 
 class Store:
