@@ -195,7 +195,7 @@ def table(result: dict[str, Any]) -> str:
         ["all 100 completed after s" if result["jobs"] == 100 else "all completed after s", f"{result['wall_s']:.1f}"],
         ["GET requests that failed in transport (retried)", str(len(result["get_transport_errors"]))],
         ["videos per minute", f"{result['videos_per_min']:.1f}"],
-        ["generation s per video (server histogram)", f"{result['generation_s_per_video']:.2f}"],
+        ["generation s per video (server histogram, or worker nodes' logs)", f"{result['generation_s_per_video']:.2f}"],
     ]
     return markdown_table(["measure", "value"], rows)
 

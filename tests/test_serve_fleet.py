@@ -141,6 +141,9 @@ def test_servers_starting_at_once_on_an_empty_database_all_come_up(tmp_path, pg_
         servers = list(pool.map(start, range(2)))
     try:
         with servers[0].client() as first, servers[1].client() as second:
+            too_many = first.post("/v1/videos", json={"prompt": "a red circle", "steps": 5000})
+            assert too_many.status_code == 422, "an API node checks requests against the model's facts alone"
+            assert too_many.json()["error"]["param"] == "steps"
             job = first.post("/v1/videos", json={"prompt": "a red circle", **QUICK}).json()
             assert second.get(f"/v1/videos/{job['id']}").json()["status"] == "queued", "one queue for both"
             assert second.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled", "cancel from any node"
@@ -176,18 +179,18 @@ def params(seed: int = 1) -> Params:
 
 
 def test_a_lease_that_runs_out_is_taken_over_and_completed_once(pg_url):
-    paused = PostgresStore(pg_url, lease=1.0)
+    paused, other = PostgresStore(pg_url, lease=2.0), PostgresStore(pg_url, lease=2.0)
     job = paused.add(params(), max_queue=10)
     assert paused.claim().attempts == 1
-    paused.close()  # its heartbeat stops, as in a process paused or cut off from the database; it can still call
-    other = PostgresStore(pg_url, lease=1.0)
+    time.sleep(1.0)
     assert other.claim() is None, "a live lease is not taken"
-    time.sleep(1.6)
+    paused.close()  # its heartbeat stops, as in a process paused or cut off from the database; it can still call
+    time.sleep(3.0)
     taken = other.claim()
     assert taken.id == job.id and taken.attempts == 2 and other.holds(job.id)
     assert not paused.complete(job.id, 1.0), "the old holder cannot complete it"
     assert not paused.fail(job.id, "late") and other.get(job.id).status == "in_progress"
-    time.sleep(1.6)  # the live holder's heartbeat keeps its lease
+    time.sleep(3.0)  # the live holder's heartbeat keeps its lease
     assert other.claim() is None and other.get(job.id).status == "in_progress"
     other.report(job.id, 42)
     wait_for(lambda: other.get(job.id).progress == 42, timeout=5, what="the heartbeat to write the progress")
