@@ -24,10 +24,14 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from cinematic import video  # noqa: E402
 from cinematic.cli import main  # noqa: E402
 from cinematic.pipeline import Pipeline  # noqa: E402
+from cinematic.serve.files import Files  # noqa: E402
+from cinematic.serve.metrics import Histogram  # noqa: E402
 from cinematic.serve.pg_store import PostgresStore  # noqa: E402
 from cinematic.serve.store import Params  # noqa: E402
+from cinematic.serve.worker import Worker  # noqa: E402
 from cinematic.settings import ModelFacts, Settings  # noqa: E402
 from tests.serve_helpers import ROOT, ServerProcess, wait_for, wait_status  # noqa: E402
+from tests.test_serve_faults import Hooked  # noqa: E402
 
 QUICK = {"steps": 3, "frames": 4}  # a fraction of a second on one thread
 LONG_STEPS = 60  # seconds: the job a worker is killed in the middle of
@@ -222,3 +226,34 @@ def test_bad_fleet_settings_are_one_line(tmp_path, capsys, args, expected):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(expected, err), err
     assert "s3cret" not in err and "Traceback" not in err
+
+
+def test_a_worker_whose_job_was_taken_over_leaves_the_new_holders_file(tmp_path, pg_url):
+    """A worker cut off from the database past its lease finishes anyway: its completion is refused, and the file
+    (the same video, written by the worker that took the job over) stays with the completed job."""
+    cut_off, other = PostgresStore(pg_url, lease=1.0), PostgresStore(pg_url, lease=60.0)
+    files = Files(tmp_path / "videos")
+    job = cut_off.add(params(), max_queue=10)
+    taken_over = threading.Event()
+
+    def take_over(step: int) -> None:
+        if step == 0 and not taken_over.is_set():
+            cut_off.close()  # the heartbeat stops: the lease runs out while this worker goes on
+            taken = wait_for(other.claim, timeout=30, what="the lease to run out")
+            files.path(taken.id).write_bytes(b"the same video, by the worker that took the job over")
+            assert other.complete(taken.id, 1.0)
+            taken_over.set()
+
+    pipe = Hooked(Pipeline.from_pretrained("shapes"), take_over)
+    worker = Worker("cpu", pipe, cut_off, files, Histogram())
+    worker.start()
+    try:
+        wait_for(taken_over.is_set, timeout=60, what="the take-over")
+        wait_for(lambda: not worker.busy, timeout=60, what="the first worker to finish")
+    finally:
+        worker.stop()
+        worker.join(60)
+    done = other.get(job.id)
+    assert done.status == "completed" and done.attempts == 2 and files.path(job.id).is_file()
+    cut_off.close()
+    other.close()
