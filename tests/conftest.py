@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tests.devices import need_cuda
+from tests.postgres import pg_url, postgres, store  # noqa: F401 - fixtures of the fleet tests
 
 
 @pytest.fixture(autouse=True)

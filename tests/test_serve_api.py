@@ -1,4 +1,5 @@
-"""The HTTP API against the real app (httpx, through Starlette's TestClient, with the workers running).
+"""The HTTP API against the real app (httpx, through Starlette's TestClient, with the workers running). The tests
+of a job's life (``store``) run on both stores: SQLite in the data folder, and a PostgreSQL database.
 
 Jobs use the bundled shapes model with a few steps, so a whole generation takes about a second. Jobs meant to
 stay running (to cancel them, or to fill the queue) ask for thousands of steps and are cancelled by the test.
@@ -40,9 +41,9 @@ def running_job(client: TestClient, body: dict) -> dict:
     return job
 
 
-def test_whole_life_of_a_job(tmp_path):
+def test_whole_life_of_a_job(tmp_path, store):
     data = tmp_path / "data"
-    with running(data) as client:
+    with running(data, store=store) as client:
         job = submit(client, **QUICK, seed=7, size="32x32", sampler="dpmpp_2m")
         assert re.fullmatch(r"video_[A-Za-z0-9_-]{24}", job["id"])
         assert job["object"] == "video" and job["status"] == "queued" and job["progress"] == 0
@@ -89,8 +90,8 @@ def test_whole_life_of_a_job(tmp_path):
         assert client.get("/healthz").json()["status"] == "ok"
 
 
-def test_list_newest_first_with_cursor(tmp_path):
-    with running(tmp_path / "data") as client:
+def test_list_newest_first_with_cursor(tmp_path, store):
+    with running(tmp_path / "data", store=store) as client:
         ids = [submit(client, prompt=f"clip {i}", steps=1, frames=2)["id"] for i in range(5)]
         newest_first = ids[::-1]
         pages, after = [], None
@@ -117,9 +118,9 @@ def test_list_newest_first_with_cursor(tmp_path):
         assert empty["data"] == [] and empty["has_more"] is False and empty["first_id"] is None
 
 
-def test_cancel_running_and_queued_jobs(tmp_path):
+def test_cancel_running_and_queued_jobs(tmp_path, store):
     data = tmp_path / "data"
-    with running(data, limits=ROOMY) as client:
+    with running(data, limits=ROOMY, store=store) as client:
         first = running_job(client, LONG)
         second = submit(client, **LONG)
         assert client.get(f"/v1/videos/{second['id']}").json()["status"] == "queued"
@@ -146,9 +147,9 @@ def test_cancel_running_and_queued_jobs(tmp_path):
         assert client.get(f"/v1/videos/{first['id']}").status_code == 404
 
 
-def test_delete_finished_job_with_its_files(tmp_path):
+def test_delete_finished_job_with_its_files(tmp_path, store):
     data = tmp_path / "data"
-    with running(data) as client:
+    with running(data, store=store) as client:
         job = submit(client, **QUICK)
         wait_status(client, job["id"], ("completed",), timeout=120)
         assert client.get(f"/v1/videos/{job['id']}/content", params={"variant": "gif"}).status_code == 200
@@ -225,8 +226,8 @@ def test_body_that_is_not_json_is_422(idle_client):
     assert idle_client.post("/v1/videos").status_code == 422
 
 
-def test_full_queue_is_429(tmp_path):
-    with running(tmp_path / "data", max_queue=2, limits=ROOMY) as client:
+def test_full_queue_is_429(tmp_path, store):
+    with running(tmp_path / "data", max_queue=2, limits=ROOMY, store=store) as client:
         running_job(client, LONG)  # the worker is busy with it: the two next ones wait
         waiting = [submit(client, **LONG) for _ in range(2)]
         response = client.post("/v1/videos", json=QUICK)

@@ -221,7 +221,7 @@ def _params(body: Any, model: ModelInfo, service: Service, limits: Limits) -> Pa
         if pictures is not None and pictures.video is not None and "num_frames" not in given:
             given["num_frames"] = min(len(pictures.video), limits.max_frames)
         try:
-            request = service.workers[0].pipeline.validate(pictures=pictures, **given)
+            request = service.validate(pictures=pictures, **given)
         except SettingError as error:
             raise ApiError(422, str(error), "invalid_value", param=_param(error.field, body)) from None
         loras = tuple((lora.name, float(lora.scale)) for lora in body.loras or ())

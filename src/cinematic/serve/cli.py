@@ -12,10 +12,21 @@ import copy
 import logging.config
 import socket
 import sys
+import time
 from typing import Any
 
 from cinematic.errors import CinematicError
-from cinematic.serve.settings import DTYPES, ENV, LOG_LEVELS, Limits, Settings, check_exposure, resolve
+from cinematic.serve.settings import (
+    DTYPES,
+    ENV,
+    LOG_LEVELS,
+    ROLES,
+    Limits,
+    Settings,
+    check_exposure,
+    redacted,
+    resolve,
+)
 
 _DEFAULTS: dict[str, Any] = {**vars(Settings()), **vars(Limits())}
 # Longer than clients keep idle connections (httpx 5 s, as uvicorn's default): a polling client whose idle
@@ -76,6 +87,17 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "base64 of two --max-upload files plus 1 MiB",
         type=int,
     )
+    fleet = parser.add_argument_group("a fleet of servers sharing one PostgreSQL database and one --data folder")
+    _flag(
+        fleet,
+        "--store",
+        "store",
+        "the job store: sqlite (in --data, one server) or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE, shared "
+        "by every server of a fleet (pass the password by the env or ~/.pgpass)",
+        "sqlite",
+    )
+    _flag(fleet, "--role", "role", "all: API and workers; api: no worker; worker: no HTTP", choices=ROLES)
+    _flag(fleet, "--lease", "lease", "seconds a dead worker's job waits before another worker takes it", type=int)
     limits = parser.add_argument_group("limits per request (a breach is a 422 naming the field)")
     _flag(limits, "--max-frames", "max_frames", "frames", type=int)
     _flag(limits, "--max-size", "max_size", "pixels per side", type=int)
@@ -93,10 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             try:  # the environment's checks apply to flags too (a port in range, counts of at least 1)
                 ENV[name][1](str(value))
             except ValueError as error:
-                raise CinematicError(f"--{name.replace('_', '-')} {value}: {error}") from error
+                shown = redacted(str(value)) if name == "store" else value
+                raise CinematicError(f"--{name.replace('_', '-')} {shown}: {error}") from error
     given["devices"] = tuple(given["devices"]) if given["devices"] else None
     settings = resolve(given)
-    check_exposure(settings)
     from cinematic.serve.service import check_device
 
     for device in settings.devices:  # before the port is bound: a bad device is one line, exit 2
@@ -105,6 +127,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import uvicorn
     except ImportError as error:
         raise CinematicError("serving needs the serve extra: pip install 'cinematic[serve]'") from error
+    if settings.role == "worker":
+        _run_worker(settings)
+        return
+    check_exposure(settings)
 
     listener = _listen(settings.host, settings.port)  # before loading the model: a busy port fails at once
     log_config = _log_config(settings.log_level)
@@ -121,14 +147,41 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise
     host, port = listener.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
-    workers = ", ".join(w.device for w in app.state.service.workers)
-    print(f"cinematic serve: http://{where}:{port}/ (model {settings.model}, data {settings.data}, workers {workers})")
+    workers = ", ".join(w.device for w in app.state.service.workers) or "none"
+    print(f"cinematic serve: http://{where}:{port}/ (model {settings.model}, {_where(settings)}, workers {workers})")
     sys.stdout.flush()
     config = uvicorn.Config(app, log_level=settings.log_level, log_config=log_config, timeout_keep_alive=KEEP_ALIVE_S)
     try:
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the stop was asked for
         pass
+
+
+def _where(settings: Settings) -> str:
+    shared = "" if settings.store is None else f", store {redacted(settings.store)}"
+    return f"data {settings.data}{shared}"
+
+
+def _run_worker(settings: Settings) -> None:
+    """A worker node: the workers of ``settings`` on a shared store, no HTTP, until Ctrl-C or SIGTERM (the running
+    job goes back to the queue) or until every worker has died (exit 1: let the supervisor restart the node)."""
+    logging.config.dictConfig(_log_config(settings.log_level))
+    from cinematic.serve.service import Service, configure_process
+
+    configure_process(settings)
+    service = Service(settings)
+    service.start()
+    workers = ", ".join(w.device for w in service.workers)
+    print(f"cinematic serve: worker node (model {settings.model}, {_where(settings)}, workers {workers})")
+    sys.stdout.flush()
+    try:
+        while any(worker.is_alive() for worker in service.workers):
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return
+    finally:
+        service.close()
+    raise SystemExit("cinematic serve: every worker of this node has died; see the log above")
 
 
 def _listen(host: str, port: int) -> socket.socket:

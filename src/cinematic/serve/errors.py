@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from cinematic.serve.faults import describe
 from cinematic.serve.schemas import ErrorResponse
+from cinematic.serve.store import StoreError
 
 log = logging.getLogger("cinematic.serve")
 ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
@@ -87,6 +88,7 @@ def add_error_handlers(app: FastAPI, scrub: Callable[[str], str]) -> None:
 
     app.add_exception_handler(OSError, storage)
     app.add_exception_handler(sqlite3.Error, storage)
+    app.add_exception_handler(StoreError, storage)  # a shared database that is down
 
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception) -> JSONResponse:  # Starlette logs the traceback

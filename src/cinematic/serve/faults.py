@@ -14,7 +14,10 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-STORAGE_ERRORS = (OSError, sqlite3.Error)  # a disk that is full, read-only or gone, and SQLite saying so
+from cinematic.serve.store import StoreError
+
+# a disk that is full, read-only or gone, SQLite saying so, and a shared database that cannot be reached
+STORAGE_ERRORS = (OSError, sqlite3.Error, StoreError)
 # Any absolute path left after the known folders are replaced: a slash after a space, a quote or the start, then
 # at least two segments (so "8/16" or "a /b" in prose stays).
 _ANY_PATH = re.compile(r"(?<![\w./-])/(?:[\w.@+-]+/)+[\w.@+-]*")

@@ -15,6 +15,7 @@ import re
 import secrets
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from cinematic import video
@@ -73,15 +74,18 @@ class Files:
         with self._locks_lock:
             return self._locks.setdefault((job_id, variant), threading.Lock())
 
-    def sweep(self, keep: set[str]) -> int:
-        """Remove what a crash or a race can leave: temp files, and files of jobs that are not completed.
+    def sweep(self, keep: set[str], temp_files: bool = True) -> int:
+        """Remove what a crash or a race can leave: temp files, and files of jobs not in ``keep``.
 
-        Run at start, before any worker, when nothing is being written. Returns the number of files removed.
+        Run at start, before any worker, when nothing is being written. Returns the number of files removed. In a
+        fleet other servers may be writing into the folder: ``keep`` holds every job that is not deleted, and
+        ``temp_files=False`` leaves temp files alone (a half-written file costs disk space, never a wrong video).
         """
         removed = 0
         for path in self.folder.iterdir():
             job_id = path.name.split(".", 1)[0]
-            if path.is_file() and (path.name.startswith(".") or job_id not in keep):
+            temp = path.name.startswith(".")
+            if path.is_file() and ((temp and temp_files) or (not temp and job_id not in keep)):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -112,15 +116,18 @@ class Inputs:
             raise
         return name
 
-    def sweep(self, keep: set[str]) -> int:
+    def sweep(self, keep: set[str], older_than: float = 0.0) -> int:
         """Remove the uploads no job refers to and half-written temporary files: what a crash between saving an
-        upload and queueing its job leaves. Run at start, before any request. Returns the number removed."""
+        upload and queueing its job leaves. Run at start, before any request. Returns the number removed. In a
+        fleet another server may be between those two steps: ``older_than`` (seconds) spares recent files."""
         removed = 0
+        now = time.time()
         for path in self.folder.iterdir():
             if (
                 path.is_file()
                 and path.name not in keep
                 and (path.name.startswith(".tmp-") or UPLOAD_PATTERN.fullmatch(path.name))
+                and (older_than <= 0 or now - path.stat().st_mtime > older_than)
             ):
                 path.unlink(missing_ok=True)
                 removed += 1

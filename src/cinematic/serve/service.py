@@ -10,15 +10,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cinematic.devices import device_problem
 from cinematic.errors import CinematicError
 from cinematic.serve.faults import Scrubber
 from cinematic.serve.files import Files, Inputs
 from cinematic.serve.metrics import Histogram
+from cinematic.serve.pg_store import PostgresStore
 from cinematic.serve.settings import Settings
-from cinematic.serve.store import Job, Params, Store
+from cinematic.serve.store import Job, JobStore, Params, Store
 from cinematic.serve.worker import HEALTHY, Worker
 from cinematic.settings import ModelFacts
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cinematic.serve")
 MAX_ATTEMPTS = 3  # starts of one job that a crash may interrupt before the job is failed instead of re-run
 STOP_SECONDS = 120.0  # how long stopping waits for a worker that is writing its file
+UPLOAD_GRACE_S = 3600.0  # a fleet's unreferenced upload younger than this may belong to a job being queued
 
 
 @dataclass(frozen=True)
@@ -42,23 +44,18 @@ class ModelInfo:
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
-        devices = settings.devices or _default_devices()
+        devices = () if settings.role == "api" else settings.devices or _default_devices()
         for device in devices:
             check_device(device)
         self.scrub = _scrubber(settings)
-        self.store = Store(settings.data)
+        self.store = open_store(settings.data, settings.store, settings.lease, MAX_ATTEMPTS)
         try:
-            requeued, failed = self.store.recover(MAX_ATTEMPTS)
-            if requeued:
-                log.warning("requeued %d job(s) left running by a previous server: %s", len(requeued), requeued)
-            if failed:
-                log.warning("failed %d job(s) that stopped the server %d times: %s", len(failed), MAX_ATTEMPTS, failed)
-            self.files = Files(settings.data / "videos")
-            self.files.sweep(self.store.completed_ids())
+            self._recover()
             if settings.lora_dir is not None and not settings.lora_dir.is_dir():
                 raise CinematicError(f"the LoRA folder {settings.lora_dir} is not a folder")
             self.inputs = Inputs(settings.data / "uploads", settings.lora_dir)
-            orphans = self.inputs.sweep(self.store.upload_names())
+            # Another server of a fleet may be between saving an upload and queueing its job: only old ones go.
+            orphans = self.inputs.sweep(self.store.upload_names(), UPLOAD_GRACE_S if self.store.shared else 0.0)
             if orphans:
                 log.warning("removed %d upload(s) that no job refers to (left by a stopped server)", orphans)
             self.generation = Histogram()
@@ -74,11 +71,30 @@ class Service:
                 )
                 for device in devices
             ]
+            facts = self.workers[0].pipeline.facts if self.workers else _facts(settings.model)
         except BaseException:
             self.store.close()
             raise
-        self.model = ModelInfo(settings.model, self.workers[0].pipeline.facts)
+        self.model = ModelInfo(settings.model, facts)
+        self._validator = self.workers[0].pipeline if self.workers else _Validator(facts)
         self._started = False
+
+    def _recover(self) -> None:
+        """Requeue what a dead server left running, and remove the files no job owns."""
+        requeued, failed = self.store.recover(MAX_ATTEMPTS)
+        if requeued:
+            log.warning("requeued %d job(s) left running by a previous server: %s", len(requeued), requeued)
+        if failed:
+            log.warning("failed %d job(s) that stopped the server %d times: %s", len(failed), MAX_ATTEMPTS, failed)
+        self.files = Files(self.settings.data / "videos")
+        if self.store.shared:  # other servers' workers may be writing (temp files) or about to commit (any job's)
+            self.files.sweep(self.store.ids(), temp_files=False)
+        else:
+            self.files.sweep(self.store.completed_ids())
+
+    def validate(self, **request: Any) -> Any:
+        """``Pipeline.validate`` for the served model (an API node has the model's facts only, not its weights)."""
+        return self._validator.validate(**request)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -145,10 +161,11 @@ class Service:
         return None if path is None else str(path)
 
     def progress(self, job: Job) -> int:
+        """Percent done: from this server's worker running the job, else as the store last heard it (a fleet)."""
         if job.status == "completed":
             return 100
         if job.status == "in_progress":
-            return next((p for w in self.workers if (p := w.progress(job.id)) is not None), 0)
+            return next((p for w in self.workers if (p := w.progress(job.id)) is not None), job.progress or 0)
         return 0
 
     def health(self) -> tuple[bool, list[dict]]:
@@ -176,7 +193,7 @@ def configure_process(settings: Settings) -> None:
 
     from cinematic.allocator import keep_freed_memory
 
-    devices = settings.devices or _default_devices()
+    devices = () if settings.role == "api" else settings.devices or _default_devices()
     for device in devices:
         check_device(device)
     if settings.threads is not None:
@@ -204,6 +221,34 @@ def _scrubber(settings: Settings) -> Scrubber:
             (settings.lora_dir, "the LoRA folder"),
         ]
     )
+
+
+def open_store(folder: Path, url: str | None, lease: float, max_attempts: int) -> JobStore:
+    """The SQLite store of ``folder`` when ``url`` is None, else the PostgreSQL store at ``url`` (psycopg is
+    imported only then)."""
+    if url is None:
+        return Store(folder)
+    return PostgresStore(url, lease=lease, max_attempts=max_attempts)
+
+
+class _Validator:
+    """What an API node checks requests with: ``Pipeline.validate`` reads only the model's facts, so the node needs
+    the model's configuration, not its weights."""
+
+    def __init__(self, facts: ModelFacts):
+        self.facts = facts
+
+    def validate(self, **request: Any) -> Any:
+        from cinematic.pipeline import Pipeline
+
+        return Pipeline.validate(self, **request)  # type: ignore[arg-type]
+
+
+def _facts(model: str) -> ModelFacts:
+    """The served model's facts from its configuration alone (no weights are read)."""
+    from cinematic.weights import open_source
+
+    return ModelFacts.of(open_source(model).config)
 
 
 def _default_devices() -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ class Settings:
     lora_dir: Path | None = None  # LoRA adapters requests may name: <lora_dir>/<name>.safetensors or <name>/
     limits: Limits = field(default_factory=Limits)
     max_body: int | None = None  # bytes of a request body, beyond which it is a 413; None: see body_limit
+    store: str | None = None  # a postgresql:// URL shared by a fleet of servers; None: SQLite in the data folder
+    role: str = "all"  # api (HTTP, no worker), worker (workers, no HTTP) or all; api and worker need a shared store
+    lease: int = 30  # seconds a worker holds a job of a shared store without renewing it before it is taken again
 
     @property
     def body_limit(self) -> int:
@@ -92,7 +96,17 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _store(text: str) -> str | None:
+    if text == "sqlite":
+        return None
+    if not text.startswith(STORE_SCHEMES):
+        raise ValueError("must be sqlite (the data folder's own store) or a postgresql://USER@HOST/DATABASE URL")
+    return text
+
+
 DTYPES = ("fp32", "fp16", "bf16")
+ROLES = ("all", "api", "worker")
+STORE_SCHEMES = ("postgresql://", "postgres://")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 # setting -> (environment variable, parser of its text). Limits are flattened: "max_frames" is Limits.max_frames.
@@ -109,6 +123,9 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "log_level": ("CINEMATIC_LOG_LEVEL", _choice(*LOG_LEVELS)),
     "lora_dir": ("CINEMATIC_LORA_DIR", Path),
     "max_body": ("CINEMATIC_MAX_BODY", _positive),
+    "store": ("CINEMATIC_STORE", _store),
+    "role": ("CINEMATIC_ROLE", _choice(*ROLES)),
+    "lease": ("CINEMATIC_LEASE", _positive),
     "max_frames": ("CINEMATIC_MAX_FRAMES", _positive),
     "max_size": ("CINEMATIC_MAX_SIZE", _positive),
     "max_steps": ("CINEMATIC_MAX_STEPS", _positive),
@@ -136,7 +153,24 @@ def resolve(given: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
     limits = Limits(**{k: v for k, v in values.items() if k in limit_names})
     settings = Settings(**{k: v for k, v in values.items() if k not in limit_names}, limits=limits)
     lora_dir = None if settings.lora_dir is None else Path(settings.lora_dir).expanduser()
-    return dataclasses.replace(settings, data=Path(settings.data).expanduser(), lora_dir=lora_dir)
+    store = None if settings.store in (None, "sqlite") else settings.store
+    settings = dataclasses.replace(settings, data=Path(settings.data).expanduser(), lora_dir=lora_dir, store=store)
+    check_role(settings)
+    return settings
+
+
+def check_role(settings: Settings) -> None:
+    """An API node or a worker node alone is useful only beside others that share its store."""
+    if settings.role != "all" and settings.store is None:
+        raise CinematicError(
+            f"--role {settings.role} needs a store shared with other servers (--store postgresql://...); "
+            "with the data folder's own SQLite store use --role all"
+        )
+
+
+def redacted(url: str) -> str:
+    """A store URL fit for a log line: its password replaced."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def is_loopback(host: str) -> bool:

@@ -11,6 +11,10 @@ Nothing is lost or done twice because of three rules:
    the start with the seed they were given at submission, so the result is the same video.
 
 Progress within a running job is not stored: it lives in the worker and is gone after a crash anyway.
+
+This is the store of one server. A fleet of servers shares :class:`cinematic.serve.pg_store.PostgresStore`
+instead, which keeps rules 1 and 2 and replaces rule 3 by leases; both have the methods of :class:`JobStore`, and
+:func:`cinematic.serve.service.open_store` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cinematic.errors import CinematicError
 from cinematic.settings import ALIASES, Settings
 
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
-_DELETED = "deleted"  # a tombstone: keeps the row so that a list cursor naming it still works
+DELETED = "deleted"  # a tombstone: keeps the row so that a list cursor naming it still works
 ID_PATTERN = re.compile(r"video_[A-Za-z0-9_-]{24}")
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -56,6 +60,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, n);
 
 class QueueFull(Exception):
     """The bounded queue holds ``max_queue`` waiting jobs already."""
+
+
+class StoreError(Exception):
+    """The job store cannot be reached or refused a change (a shared database that is down): a storage fault, as
+    a full disk is for SQLite. The message is one line and names no password."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ class Job:
     error: str | None
     attempts: int
     seconds: float | None
+    progress: int | None = None  # percent, as a worker of a shared store last reported it; None: not stored
 
 
 def new_id() -> str:
@@ -108,9 +118,37 @@ def new_id() -> str:
     return "video_" + secrets.token_urlsafe(18)
 
 
+class JobStore(Protocol):
+    """What the server needs of a job store. Every change of status is a compare-and-set that returns whether it
+    happened; :meth:`holds` and :meth:`report` matter only where several servers share the store."""
+
+    shared: bool  # other servers may use the store (and the data folder) at the same time
+
+    def close(self) -> None: ...
+    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]: ...
+    def add(self, params: Params, max_queue: int) -> Job: ...
+    def claim(self) -> Job | None: ...
+    def complete(self, job_id: str, seconds: float) -> bool: ...
+    def fail(self, job_id: str, message: str) -> bool: ...
+    def requeue(self, job_id: str) -> bool: ...
+    def cancel(self, job_id: str) -> bool: ...
+    def delete(self, job_id: str) -> bool: ...
+    def holds(self, job_id: str) -> bool: ...
+    def report(self, job_id: str, progress: int) -> None: ...
+    def deleted(self, job_id: str) -> bool: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def page(self, limit: int, after: str | None = None) -> tuple[list[Job], bool]: ...
+    def counts(self) -> dict[str, int]: ...
+    def ids(self) -> set[str]: ...
+    def completed_ids(self) -> set[str]: ...
+    def upload_names(self) -> set[str]: ...
+
+
 class Store:
     """The jobs of one data folder. Thread-safe: writes share one connection and one lock and are short
     transactions; reads use a connection per thread."""
+
+    shared = False
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -205,7 +243,7 @@ class Store:
                 "INSERT INTO jobs (id, status, params, created_at) VALUES (?, 'queued', ?, ?)",
                 (job_id, params.to_json(), _now()),
             )
-            return _job(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return job_from_row(db.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def claim(self) -> Job | None:
         """The oldest queued job, now ``in_progress`` and owned by the caller; None when the queue is empty.
@@ -222,7 +260,7 @@ class Store:
                     (_now(), row[0]),
                 )
                 try:
-                    return _job(db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone())
+                    return job_from_row(db.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone())
                 except (ValueError, TypeError, KeyError, CinematicError) as error:
                     message = f"its stored settings cannot be read ({type(error).__name__}); it was not run"
                     db.execute(
@@ -253,7 +291,7 @@ class Store:
     def delete(self, job_id: str) -> bool:
         """Turn a finished job into a tombstone (its files are the caller's to remove); False if not finished."""
         # The prompt goes too: deleting a video should not leave what it showed behind.
-        return self._move(job_id, FINISHED, "status = ?, params = '{}', error = NULL", (_DELETED,))
+        return self._move(job_id, FINISHED, "status = ?, params = '{}', error = NULL", (DELETED,))
 
     def _move(self, job_id: str, expected: str | tuple[str, ...], assignments: str, args: tuple[Any, ...]) -> bool:
         expected = (expected,) if isinstance(expected, str) else expected
@@ -264,15 +302,22 @@ class Store:
             )
             return cursor.rowcount == 1
 
+    def holds(self, job_id: str) -> bool:
+        """Whether this server still owns the running job: always, as no other server uses the folder."""
+        return True
+
+    def report(self, job_id: str, progress: int) -> None:
+        """Progress is not stored here: the worker holds it (see the module's docstring)."""
+
     # --- reading ---------------------------------------------------------------------------------------------
 
     def deleted(self, job_id: str) -> bool:
         """Whether ``job_id`` is a deleted job's tombstone."""
-        return bool(self._query("SELECT 1 FROM jobs WHERE id = ? AND status = ?", (job_id, _DELETED)))
+        return bool(self._query("SELECT 1 FROM jobs WHERE id = ? AND status = ?", (job_id, DELETED)))
 
     def get(self, job_id: str) -> Job | None:
-        rows = self._query(f"SELECT {_COLUMNS} FROM jobs WHERE id = ? AND status != ?", (job_id, _DELETED))
-        return _job(rows[0]) if rows else None
+        rows = self._query(f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND status != ?", (job_id, DELETED))
+        return job_from_row(rows[0]) if rows else None
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[Job], bool]:
         """Up to ``limit`` jobs, newest first, older than the job ``after``; and whether more follow.
@@ -289,32 +334,36 @@ class Store:
                     raise KeyError(after)
                 below = row[0]
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE n < ? AND status != ? ORDER BY n DESC LIMIT ?",
-                (below, _DELETED, limit + 1),
+                f"SELECT {COLUMNS} FROM jobs WHERE n < ? AND status != ? ORDER BY n DESC LIMIT ?",
+                (below, DELETED, limit + 1),
             ).fetchall()
         finally:
             db.execute("COMMIT")
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        return [job_from_row(r) for r in rows[:limit]], len(rows) > limit
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
-        counts.update(self._query("SELECT status, count(*) FROM jobs WHERE status != ? GROUP BY status", (_DELETED,)))
+        counts.update(self._query("SELECT status, count(*) FROM jobs WHERE status != ? GROUP BY status", (DELETED,)))
         return counts
+
+    def ids(self) -> set[str]:
+        """Every job that is not deleted."""
+        return {row[0] for row in self._query("SELECT id FROM jobs WHERE status != ?", (DELETED,))}
 
     def completed_ids(self) -> set[str]:
         return {row[0] for row in self._query("SELECT id FROM jobs WHERE status = 'completed'")}
 
     def upload_names(self) -> set[str]:
         """The uploads that jobs still refer to (a job's upload goes when the job is deleted)."""
-        rows = self._query("SELECT params FROM jobs WHERE status != ?", (_DELETED,))
+        rows = self._query("SELECT params FROM jobs WHERE status != ?", (DELETED,))
         params = [json.loads(row[0]) for row in rows]
         return {p[field] for p in params for field in ("init_video", "init_image") if p.get(field)}
 
 
-_COLUMNS = "id, status, params, created_at, started_at, completed_at, error, attempts, seconds"
+COLUMNS = "id, status, params, created_at, started_at, completed_at, error, attempts, seconds"
 
 
-def _job(row: tuple[Any, ...]) -> Job:
+def job_from_row(row: tuple[Any, ...]) -> Job:
     job_id, status, params, created, started, completed, error, attempts, seconds = row
     return Job(job_id, status, Params.from_json(params), created, started, completed, error, attempts, seconds)
 

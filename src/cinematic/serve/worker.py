@@ -25,7 +25,7 @@ from cinematic.errors import CinematicError
 from cinematic.serve.faults import describe, storage_fault
 from cinematic.serve.files import Files, Inputs
 from cinematic.serve.metrics import Histogram
-from cinematic.serve.store import Job, Params, Store
+from cinematic.serve.store import Job, JobStore, Params
 
 if TYPE_CHECKING:
     from cinematic.pipeline import Pipeline, Video
@@ -63,7 +63,7 @@ class Worker(threading.Thread):
         self,
         device: str,
         pipeline: Pipeline,
-        store: Store,
+        store: JobStore,
         files: Files,
         generation: Histogram,
         inputs: Inputs | None = None,
@@ -222,13 +222,19 @@ class Worker(threading.Thread):
         return clip
 
     def _step(self, i: int, total: int) -> None:
-        if self._cancel.is_set():
+        with self._state:
+            job_id = self._current
+        # A store shared by a fleet lets the job go when another server cancelled it or took it over.
+        if self._cancel.is_set() or (job_id is not None and not self.store.holds(job_id)):
             raise _Cancelled
         if self._stopping.is_set():
             raise _Stopping
         self._alive()
+        progress = min(99, (i + 1) * 100 // total)  # 100 only once the file is in place
         with self._state:
-            self._progress = min(99, (i + 1) * 100 // total)  # 100 only once the file is in place
+            self._progress = progress
+        if job_id is not None:
+            self.store.report(job_id, progress)
 
     def _alive(self) -> None:
         """A sign of life, for :meth:`health`; a gap within a job counts towards what is normal."""
@@ -262,8 +268,7 @@ class Worker(threading.Thread):
         """One outcome into the store. Repeating it after a failure is harmless: each move is a compare-and-set."""
         if outcome.status == "completed":
             if not self.store.complete(job_id, outcome.seconds):  # cancelled while the file was being written
-                self.files.remove(job_id)
-                log.info("cancelled %s", job_id)
+                self._drop_file(job_id)
                 return
             log.info("completed %s in %.2f s", job_id, outcome.seconds)
             try:  # after the commit: a fault here must not record the job again
@@ -277,6 +282,16 @@ class Worker(threading.Thread):
             log.info("requeued %s: the server is stopping", job_id)
         else:
             log.info("cancelled %s", job_id)
+
+    def _drop_file(self, job_id: str) -> None:
+        """Remove the file of a job this worker could not complete, unless another server's worker has completed
+        it or is running it (a shared store: its lease ran out here): that worker writes the same file."""
+        job = self.store.get(job_id)
+        if job is not None and job.status in ("completed", "queued", "in_progress"):
+            log.info("%s was taken over by another worker; its file stays", job_id)
+            return
+        self.files.remove(job_id)
+        log.info("cancelled %s", job_id)
 
     def _store_fault(self, what: str | None, error: BaseException | None = None) -> None:
         """Log a store fault once when it starts (not once a second), and once when it is over."""
