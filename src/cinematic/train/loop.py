@@ -240,12 +240,7 @@ class Trainer:
             for module in model.unet.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = c.dropout
-        self.train_data = run.dataset
-        if c.cache_latents is not None:
-            from cinematic.train.cache import cached_dataset
-
-            plan = self._plan(run.start_step, c.stop_at or c.steps, everyone=True)
-            self.train_data = cached_dataset(c, model, run.dataset, run.clip, run.world, plan)
+        self.train_data = self._training_data()
         self.parallel = Parallel({name: getattr(model, name) for name in self.trainable}, self.loss, run.world, c.fsdp)
         if c.fsdp:  # sharding replaced the parameters
             self.trainable = {
@@ -265,6 +260,22 @@ class Trainer:
         self.alpha_bar = model.config.schedule.alpha_bar()
         self._preview: list[dict[str, Any]] | None = None
         self.sample_fn = sample_fn if sample_fn is not None or not c.sample_every else self._default_sampler()
+
+    def _training_data(self) -> VideoDataset:
+        """The dataset the loader reads: the run's, or, with ``--cache-latents``, its cached latents (filled now).
+        Without sample videos to draw, the networks the cache replaces then leave the device for the CPU."""
+        c, run = self.config, self.run
+        if c.cache_latents is None:
+            return run.dataset
+        from cinematic.train.cache import cached_dataset
+
+        plan = self._plan(run.start_step, c.stop_at or c.steps, everyone=True)
+        data = cached_dataset(c, self.model, run.dataset, run.clip, run.world, plan)
+        if not c.sample_every:
+            self.model.vae.to("cpu")
+            if data.empty is not None:  # the text features are cached too
+                self.model.text_encoder.to("cpu")
+        return data
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One group, or two when the text encoder learns at its own rate (``text_lr_scale``)."""
