@@ -216,3 +216,17 @@ def test_the_8bit_optimizer_error_is_one_line(model: Path, tmp_path: Path, capsy
     assert err.strip().splitlines() == [
         "error: --optimizer adamw8bit runs on CUDA devices only (bitsandbytes), not on cpu; use --optimizer adamw"
     ]
+
+
+def test_fsdp_on_two_processes_trains_as_one_and_checkpoints_ordinary_models(runs, tmp_path: Path):
+    from cinematic.weights import load
+
+    out = tmp_path / "fsdp"
+    ran(torchrun(out, 2, batch_size=2, fsdp=True, stop_at=2, progress=False, **runs["config"]))
+    np.testing.assert_allclose(losses(out), losses(runs["two"])[:2], rtol=1e-5)
+    model = load(out / "checkpoint-000002")  # whole weights, in cinematic's format
+    assert model.config.defaults.frames == 4
+    # its (whole) training state resumes without FSDP, in one process, and continues the run
+    train(TrainConfig(out, batch_size=4, resume=True, progress=False, **runs["config"]))
+    np.testing.assert_allclose(losses(out), losses(runs["two"]), rtol=1e-5)
+    assert_same_weights(out / "model", runs["two"] / "model", atol=1e-5)
