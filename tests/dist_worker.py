@@ -47,6 +47,16 @@ def record_writes(paths: list[str]) -> None:
         return real_save(tensors, filename, *args, **kwargs)
 
     safetensors.torch.save_file = save_file
+    import torch
+
+    real_torch_save = torch.save
+
+    def torch_save(obj, f, *args, **kwargs):  # torch.save writes a path from C++, not through open()
+        if isinstance(f, str | os.PathLike):
+            paths.append(os.fspath(f))
+        return real_torch_save(obj, f, *args, **kwargs)
+
+    torch.save = torch_save
 
 
 def fail_after(clips: int) -> None:
