@@ -140,7 +140,7 @@ def fill(cache: LatentCache, model: Model, dataset: VideoDataset, indices: list[
 
 
 def _features(model: Model, captions: list[str]) -> torch.Tensor:
-    device = model.text_encoder.token_embedding.weight.device
+    device = next(model.text_encoder.parameters()).device
     return model.text_encoder(model.tokenizer(captions).to(device)).float()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from cinematic.train.config import (
@@ -119,4 +120,5 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     path = train(TrainConfig(**{key: value for key, value in vars(args).items() if key in fields}))
-    print(f"wrote {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote it and says so
+        print(f"wrote {path}")

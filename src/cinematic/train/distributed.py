@@ -231,11 +231,14 @@ def shard(networks: dict[str, nn.Module], world: World) -> None:
 
     mesh = init_device_mesh(world.device.type, (world.size,))
     for network in networks.values():
-        for module in network.modules():
-            if isinstance(module, nn.ModuleList):
-                for block in module:
-                    if any(p.requires_grad for p in block.parameters()):
-                        fully_shard(block, mesh=mesh)
+        blocks: dict[str, nn.Module] = {}  # the members of the outermost module lists (UNet levels, text layers)
+        for name, module in network.named_modules():  # parents before children
+            inside = any(name.startswith(block + ".") for block in blocks)
+            if isinstance(module, nn.ModuleList) and not inside:
+                blocks.update({f"{name}.{i}": block for i, block in enumerate(module)})
+        for block in blocks.values():
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block, mesh=mesh)
         fully_shard(network, mesh=mesh)
 
 
