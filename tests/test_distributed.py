@@ -89,10 +89,10 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0, skip: str | None = None) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa if skip is None or not k.endswith(skip))
     assert worst <= atol, f"weights differ by up to {worst:.3g} (allowed {atol})"
 
 
@@ -229,4 +229,7 @@ def test_fsdp_on_two_processes_trains_as_one_and_checkpoints_ordinary_models(run
     # its (whole) training state resumes without FSDP, in one process, and continues the run
     train(TrainConfig(out, batch_size=4, resume=True, progress=False, **runs["config"]))
     np.testing.assert_allclose(losses(out), losses(runs["two"]), rtol=1e-5)
-    assert_same_weights(out / "model", runs["two"] / "model", atol=1e-5)
+    # Left out: the text encoder's key biases. Their gradient is zero but for rounding (softmax ignores a shift
+    # shared by all keys), and Adam turns that rounding noise into steps of about lr, in whichever direction the
+    # noise points; FSDP's reduce-scatter rounds differently from DDP's all-reduce. Every other weight: within 1e-5.
+    assert_same_weights(out / "model", runs["two"] / "model", atol=1e-5, skip="self_attn.k_proj.bias")
