@@ -34,6 +34,8 @@ from cinematic.errors import CinematicError
 # How long a rank waits for the others in one collective before the run fails (a peer that died is usually
 # noticed at once: its sockets close, and torchrun stops the remaining ranks).
 TIMEOUT = timedelta(minutes=30)
+# What gloo's and NCCL's errors say when a peer died mid-collective (gloo raises a plain RuntimeError).
+PEER_FAILED = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator", "ProcessGroupGloo")
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,11 @@ def joined(device_name: str | None) -> Iterator[World]:
         yield World(rank, size, device)
     except CinematicError as e:
         raise CinematicError(f"rank {rank} of {size}: {e}" if size > 1 else str(e)) from None
-    except dist.DistError as e:  # a peer failed: its own error is on its own stderr
-        raise CinematicError(f"rank {rank} of {size}: another rank failed ({str(e).splitlines()[0]})") from None
+    except (dist.DistError, RuntimeError) as e:
+        if size == 1 or not (isinstance(e, dist.DistError) or any(m in str(e) for m in PEER_FAILED)):
+            raise
+        # a peer failed (its own error is on its own stderr): one line here, not a traceback
+        raise CinematicError(f"rank {rank} of {size}: another rank failed ({str(e).splitlines()[0][:200]})") from None
     finally:
         if made:
             dist.destroy_process_group()
