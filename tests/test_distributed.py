@@ -233,3 +233,12 @@ def test_fsdp_on_two_processes_trains_as_one_and_checkpoints_ordinary_models(run
     # shared by all keys), and Adam turns that rounding noise into steps of about lr, in whichever direction the
     # noise points; FSDP's reduce-scatter rounds differently from DDP's all-reduce. Every other weight: within 1e-5.
     assert_same_weights(out / "model", runs["two"] / "model", atol=1e-5, skip="self_attn.k_proj.bias")
+
+
+def test_settings_that_do_not_go_together_are_refused(tmp_path: Path):
+    with pytest.raises(CinematicError, match="--fsdp shards full fine-tunes"):
+        TrainConfig(tmp_path, init="shapes", lora=4, fsdp=True)
+    with pytest.raises(CinematicError, match="--fsdp shards the unet stage's networks, without sample videos"):
+        TrainConfig(tmp_path, fsdp=True, sample_every=10)
+    with pytest.raises(CinematicError, match="--cache-latents caches the VAE latents that the unet stage trains on"):
+        TrainConfig(tmp_path, stage="vae", cache_latents=str(tmp_path / "cache"))
