@@ -205,6 +205,7 @@ FAST = {"batch_size": 2, "lr": 4e-3, "warmup_steps": 2, "ema_decay": 0.9, "progr
 
 def test_training_trains_the_adapter_alone_and_resumes_exactly(base: Path, tmp_path: Path):
     from cinematic.train import TrainConfig, train
+    from cinematic.train.distributed import World
     from cinematic.train.loop import Trainer, _open_run
     from cinematic.train.state import prepare_out
 
@@ -212,7 +213,7 @@ def test_training_trains_the_adapter_alone_and_resumes_exactly(base: Path, tmp_p
     common = {"init": str(base), "lora": 2, "lora_alpha": 4.0, "lora_targets": "spatial", "steps": 4, **FAST}
     config = TrainConfig(tmp_path / "straight", save_every=4, **common)
     prepare_out(config.out, False)
-    trainer = Trainer(_open_run(config, clips, None, torch.device("cpu")), None)
+    trainer = Trainer(_open_run(config, clips, None, World()), None)  # one process, on the CPU
     trained = {name for name, _ in trainer.trainable["unet"]}
     assert trained and all(".lora_adapters.default." in name for name in trained)
     reference = Pipeline.from_pretrained(base).model

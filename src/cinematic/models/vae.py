@@ -249,26 +249,42 @@ class VAE(nn.Module):
         chunk: int = 8,
         generator: torch.Generator | None = None,
         sample: bool = True,
+        eps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Video ``[B,C,F,H,W]`` in [-1, 1] -> scaled latents ``[B,latent,F,H/f,W/f]`` in the model dtype.
 
         With ``sample`` the latent is a posterior draw ``mean + std * eps``. ``eps`` is drawn on the CPU, for all
         B*F frames at once and in the model dtype, exactly as diffusers' ``VideoToVideoSDPipeline`` draws it with
         ``DiagonalGaussianDistribution.sample(generator)``; so the chunk size does not change the result. Without
-        ``sample`` the posterior mean is used.
+        ``sample`` the posterior mean is used. A caller may pass its own ``eps`` (``[(B F),latent,h,w]``).
         """
         _check_video(video, self.config.in_channels, chunk, "video")
-        b = video.shape[0]
+        mean, logvar = self.encode_moments(video, chunk)
+        return self.posterior_latents(mean, logvar, video.shape[0], generator, sample, eps)
+
+    def encode_moments(self, video: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video ``[B,C,F,H,W]`` -> the posterior's mean and log-variance, each ``[(B F),latent,h,w]``, unscaled."""
         frames = video.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B,C,F,H,W] -> [(B F),C,H,W]
         moments = [self.encode(part) for part in frames.split(chunk)]
-        mean = torch.cat([m for m, _ in moments])
+        return torch.cat([m for m, _ in moments]), torch.cat([logvar for _, logvar in moments])
+
+    def posterior_latents(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        batch: int,
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The scaled latents ``[B,latent,F,h,w]`` of posterior moments ``[(B F),latent,h,w]`` (see encode_video)."""
         z = mean
         if sample:
-            std = torch.cat([logvar for _, logvar in moments]).mul(0.5).exp()
-            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu")
-            z = mean + std * eps.to(mean.device)
+            if eps is None:
+                eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu")
+            z = mean + logvar.mul(0.5).exp() * eps.to(mean.device, mean.dtype)
         z = z * self.config.scaling_factor
-        return z.unflatten(0, (b, -1)).permute(0, 2, 1, 3, 4)  # [(B F),c,h,w] -> [B,c,F,h,w]
+        return z.unflatten(0, (batch, -1)).permute(0, 2, 1, 3, 4)  # [(B F),c,h,w] -> [B,c,F,h,w]
 
     def decode_video(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Scaled latents ``[B,latent,F,h,w]`` -> video ``[B,C,F,h*f,w*f]`` in the model dtype, not clamped."""

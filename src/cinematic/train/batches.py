@@ -36,20 +36,40 @@ class BatchPlan:
     Sample ``p`` of the run (counting every micro-batch of every step) is item ``perm_e[p % N]`` of a dataset of
     ``N`` items, ``perm_e`` being the permutation of epoch ``e = p // N``; its key also carries the seed of its own
     augmentation stream.
+
+    Under data parallelism (``rank`` of ``world`` processes) a step's global batch is ``batch_size x world x
+    accum`` consecutive samples, and this rank's micro-batch ``a`` of it starts at row ``(a * world + rank) *
+    batch_size`` (``train/distributed.py``); one process sees every row, in the order it always did.
     """
 
-    def __init__(self, size: int, batch_size: int, accum: int, seed: int, start_step: int, end_step: int):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        accum: int,
+        seed: int,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.size, self.batch_size, self.accum, self.seed = size, batch_size, accum, seed
-        self.start_step, self.end_step = start_step, end_step
+        self.start_step, self.end_step, self.rank, self.world = start_step, end_step, rank, world
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
         return (self.end_step - self.start_step) * self.accum
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for micro in range(self.start_step * self.accum, self.end_step * self.accum):
-            first = micro * self.batch_size
-            yield [self.key(p) for p in range(first, first + self.batch_size)]
+        for step in range(self.start_step, self.end_step):
+            for positions in self.step_positions(step):
+                yield [self.key(p) for p in positions]
+
+    def step_positions(self, step: int) -> list[range]:
+        """The sample positions of this rank's micro-batches of ``step``."""
+        per_step = self.batch_size * self.world * self.accum
+        firsts = [step * per_step + (a * self.world + self.rank) * self.batch_size for a in range(self.accum)]
+        return [range(first, first + self.batch_size) for first in firsts]
 
     def key(self, position: int) -> tuple[int, int]:
         epoch, offset = divmod(position, self.size)
@@ -73,10 +93,16 @@ class Keyed:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    shapes = {tuple(item["video"].shape) for item in items}
-    if len(shapes) > 1:
-        raise CinematicError(f"the clips of one batch differ in shape: {sorted(shapes)}")
-    return {"video": torch.stack([item["video"] for item in items]), "caption": [item["caption"] for item in items]}
+    """Tensors stacked (``video``, or cached latents and features, ``train/cache.py``), captions listed."""
+    if "video" in items[0]:
+        shapes = {tuple(item["video"].shape) for item in items}
+        if len(shapes) > 1:
+            raise CinematicError(f"the clips of one batch differ in shape: {sorted(shapes)}")
+    tensors = [key for key, value in items[0].items() if isinstance(value, torch.Tensor)]
+    return {
+        **{key: torch.stack([item[key] for item in items]) for key in tensors},
+        "caption": [i["caption"] for i in items],
+    }
 
 
 def loader(dataset: VideoDataset, plan: BatchPlan, workers: int = 0, pin: bool = False) -> Iterator[dict[str, Any]]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from cinematic.train.config import (
     DEFAULT_PARTS,
+    OPTIMIZERS,
     PARTS,
     PRECISIONS,
     SAVE_DTYPES,
@@ -88,6 +90,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     _option(opt, "--kl-weight", "VAE stage: weight of the KL term", type=float)
     _option(opt, "--gradient-checkpointing", "recompute activations in the backward pass", action="store_true")
     _option(opt, "--precision", "autocast precision (default: bf16 on CUDA, fp32 elsewhere)", choices=PRECISIONS)
+    _option(opt, "--optimizer", "adamw, or adamw8bit (bitsandbytes' 8-bit AdamW state; CUDA only)", choices=OPTIMIZERS)
+
+    scale = parser.add_argument_group(
+        "many processes (launch with: torchrun --nproc_per_node N -m cinematic train ...; DDP by default)"
+    )
+    _option(scale, "--fsdp", "shard weights, gradients and optimizer state over the ranks (FSDP2)", action="store_true")
+    _option(scale, "--cache-latents", "compute VAE latents (and frozen text features) once into DIR, reuse them",
+            metavar="DIR")  # fmt: skip
 
     out = parser.add_argument_group("checkpoints and samples")
     _option(out, "--save-every", "write a checkpoint every N steps", type=int)
@@ -110,4 +120,5 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     path = train(TrainConfig(**{key: value for key, value in vars(args).items() if key in fields}))
-    print(f"wrote {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote it and says so
+        print(f"wrote {path}")

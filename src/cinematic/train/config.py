@@ -21,6 +21,7 @@ DEFAULT_PARTS = {"vae": "vae", "unet": "unet+text"}
 PRECISIONS = ("bf16", "fp32")
 TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes' 8-bit AdamW, CUDA only
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,15 @@ class TrainConfig:
     lora: int | None = None
     lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
     lora_targets: str = "both"
+    # Memory and scale (docs/training.md#many-processes). Under ``torchrun`` every process is one rank of a
+    # data-parallel run; ``fsdp`` shards the trained networks' weights, gradients and optimizer state over the ranks
+    # (PyTorch's FSDP2 ``fully_shard``) instead of replicating them (DDP).
+    fsdp: bool = False
+    # A folder of VAE latents (posterior mean and log-variance) and, when the text encoder is frozen, text features,
+    # computed once per clip (split over the ranks) and reused by later epochs and runs. Each clip is then the
+    # dataset's fixed ``dataset[i]`` (no random start frame).
+    cache_latents: str | None = None
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -113,6 +123,7 @@ class TrainConfig:
             raise CinematicError(f"stop_at must be a step from 1 to steps={self.steps}, not {self.stop_at}")
         self.trained_parts()  # raises on a bad ``parts``
         self._check_lora()
+        self._check_scale()
 
     def _check_counts(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "frame_stride", "save_every", "sample_steps")
@@ -153,6 +164,18 @@ class TrainConfig:
         if self.stage != "unet" or self.init is None or self.parts is not None:
             raise CinematicError("--lora trains adapters on the UNet of a model: give --init MODEL, and no --train or "
                                  "--stage vae")  # fmt: skip
+
+    def _check_scale(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise CinematicError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.fsdp and self.lora is not None:
+            raise CinematicError("--fsdp shards full fine-tunes; a LoRA adapter is small enough for DDP (the default)")
+        if self.fsdp and (self.stage != "unet" or self.sample_every):
+            raise CinematicError("--fsdp shards the unet stage's networks, without sample videos during training "
+                                 "(--sample-every 0; sample from the checkpoints)")  # fmt: skip
+        if self.cache_latents is not None and self.stage != "unet":
+            raise CinematicError("--cache-latents caches the VAE latents that the unet stage trains on; the vae "
+                                 "stage trains the VAE itself")  # fmt: skip
 
     def lora_config(self):
         """The :class:`cinematic.models.lora_adapters.LoRAConfig` of a LoRA run (None otherwise)."""

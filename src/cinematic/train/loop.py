@@ -10,6 +10,7 @@ cuDNN kernels).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,10 +28,23 @@ from cinematic.errors import CinematicError
 from cinematic.models.components import COMPONENTS, Defaults, Model
 from cinematic.train.batches import MODULES, PREVIEW, STEP, BatchPlan, derive_seed, generator, loader
 from cinematic.train.config import TrainConfig
+from cinematic.train.distributed import (
+    Draws,
+    Parallel,
+    StepDraws,
+    World,
+    gathered,
+    joined,
+    micro_rows,
+    module_seed_words,
+    sharded_optimizer_state,
+)
+from cinematic.train.optimizers import build_optimizer, check_optimizer
 from cinematic.train.setup import select_trainable, starting_config, starting_model, with_clip_size
 from cinematic.train.state import (
     EMA,
     STATE_FILE,
+    checkpoint_dir,
     latest_checkpoint,
     load_training_state,
     prepare_out,
@@ -53,11 +67,21 @@ def train(config: TrainConfig, *, dataset: VideoDataset | None = None, sample_fn
     size).
     ``sample_fn(model, step)`` is called every ``config.sample_every`` steps with the EMA weights swapped in and the
     networks in eval mode; by default it writes sample videos (reconstructions in the VAE stage) to ``OUT/samples``.
+
+    Under ``torchrun`` each process is one rank of a data-parallel run (``train/distributed.py``): every rank
+    returns the same path, and rank 0 alone writes into ``config.out``.
     """
-    device = _device(config.device)
-    prepare_out(config.out, config.resume)
-    checkpoint = latest_checkpoint(config.out) if config.resume else None
-    return Trainer(_open_run(config, dataset, checkpoint, device), sample_fn).fit()
+    with joined(config.device) as world:
+        check_optimizer(config.optimizer, world.device)
+        world.on_main(lambda: prepare_out(config.out, config.resume))
+        found = world.on_main(lambda: _latest_name(config.out)) if config.resume else None
+        checkpoint = config.out / found if found else None
+        return Trainer(_open_run(config, dataset, checkpoint, world), sample_fn).fit()
+
+
+def _latest_name(out: Path) -> str | None:
+    latest = latest_checkpoint(out)
+    return latest.name if latest is not None else None
 
 
 @dataclass
@@ -69,24 +93,27 @@ class Run:
     clip: tuple[int, int, int]  # frames, height, width
     start_step: int
     state: dict[str, Any] | None  # the training state resumed from
-    device: torch.device
+    world: World
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.world.size * self.config.grad_accum
 
 
-def _device(name: str | None) -> torch.device:
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CinematicError("--device cuda: no CUDA device is available")
-    return device
-
-
-def _open_run(config: TrainConfig, dataset: VideoDataset | None, checkpoint: Path | None, device: torch.device) -> Run:
+def _open_run(config: TrainConfig, dataset: VideoDataset | None, checkpoint: Path | None, world: World) -> Run:
     from cinematic.weights.native import read_native
 
+    device = world.device
     state = load_training_state(checkpoint) if checkpoint is not None else None
     # The clip size defaults to what the starting model was trained on; a preset has not been trained on anything.
     base: Defaults | None = None
     if state is not None:
         _check_same_run(config, state, checkpoint)
+        _check_same_batch(config, state, checkpoint, world)
         # A LoRA checkpoint holds an adapter, not a model: its clip size is that of the model it adapts.
         base = starting_config(config).defaults if config.lora else read_native(checkpoint).config.defaults
     elif config.preset is None:
@@ -101,7 +128,7 @@ def _open_run(config: TrainConfig, dataset: VideoDataset | None, checkpoint: Pat
     if clip[1] % factor or clip[2] % factor:
         raise CinematicError(f"clips of {clip[2]}x{clip[1]} pixels: width and height must be multiples of {factor}")
     model.config = with_clip_size(model.config, *clip)
-    return Run(config, model, fresh, dataset, clip, start, state, device)
+    return Run(config, model, fresh, dataset, clip, start, state, world)
 
 
 def _check_same_run(config: TrainConfig, state: dict[str, Any], checkpoint: Path) -> None:
@@ -109,6 +136,32 @@ def _check_same_run(config: TrainConfig, state: dict[str, Any], checkpoint: Path
         raise CinematicError(
             f"--resume: {checkpoint.name} trained {'+'.join(state['parts'])} in the {state['stage']} stage, not "
             f"{'+'.join(sorted(config.trained_parts()))} in the {config.stage} stage"
+        )
+
+
+def _check_same_batch(config: TrainConfig, state: dict[str, Any], checkpoint: Path, world: World) -> None:
+    """A run resumes with the global batch it had (so it sees the same clips and noise), however it is split now;
+    what changed in the split is said on rank 0."""
+    if state.get("optimizer_name", "adamw") != config.optimizer:
+        raise CinematicError(f"--resume: {checkpoint.name} trained with --optimizer {state['optimizer_name']}, not "
+                             f"{config.optimizer}")  # fmt: skip
+    if "global_batch" not in state:  # a checkpoint older than data parallelism: one process
+        return
+    then = (state["batch_size"], state["world_size"], state["grad_accum"])
+    now = (config.batch_size, world.size, config.grad_accum)
+    split = "{} per process x {} processes x {} accumulation".format
+    if state["global_batch"] != math.prod(now):
+        raise CinematicError(
+            f"--resume: {checkpoint.name} trained with a global batch of {state['global_batch']} ({split(*then)}); "
+            f"this run's is {math.prod(now)} ({split(*now)}): choose --batch-size and --grad-accum so that batch x "
+            f"processes x accumulation = {state['global_batch']}"
+        )
+    if then != now and world.is_main:
+        print(
+            f"resuming {checkpoint.name} as {split(*now)}, not {split(*then)}: the global batch of "
+            f"{state['global_batch']} is unchanged, so the run continues with the same clips and noise (the "
+            "networks' dropout masks are drawn per process)",
+            file=sys.stderr,
         )
 
 
@@ -166,7 +219,7 @@ class Trainer:
     """One open run: the trainable parameters, optimizer, EMA and loss of its stage."""
 
     def __init__(self, run: Run, sample_fn: SampleFn | None):
-        self.run, self.config, self.model = run, run.config, run.model
+        self.run, self.config, self.model, self.world = run, run.config, run.model, run.world
         c, model = run.config, run.model
         _own_storage(model)
         if c.lora is not None:
@@ -187,18 +240,42 @@ class Trainer:
             for module in model.unet.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = c.dropout
-        self.optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay
-        )
+        self.train_data = self._training_data()
+        self.parallel = Parallel({name: getattr(model, name) for name in self.trainable}, self.loss, run.world, c.fsdp)
+        if c.fsdp:  # sharding replaced the parameters
+            self.trainable = {
+                name: [(n, p) for n, p in getattr(model, name).named_parameters() if p.requires_grad]
+                for name in self.trainable
+            }
+            self.params = [p for named in self.trainable.values() for _, p in named]
+        self.optimizer = build_optimizer(c.optimizer, self._param_groups(), c.lr, c.adam_betas, c.weight_decay)
         self.ema = EMA(self.trainable, c.ema_decay)
         if run.state is not None:
-            self.optimizer.load_state_dict(run.state["optimizer"])
+            self.optimizer.load_state_dict(sharded_optimizer_state(run.state["optimizer"], self.params))
             self.ema.load_state_dict(run.state["ema"])
-        self.tokenizer_dir = model.tokenizer.save(c.out / "tokenizer")
+        self.tokenizer_dir = c.out / "tokenizer"
+        if run.world.is_main:
+            model.tokenizer.save(self.tokenizer_dir)
         self.precision = c.precision or ("bf16" if run.device.type == "cuda" else "fp32")
         self.alpha_bar = model.config.schedule.alpha_bar()
         self._preview: list[dict[str, Any]] | None = None
         self.sample_fn = sample_fn if sample_fn is not None or not c.sample_every else self._default_sampler()
+
+    def _training_data(self) -> VideoDataset:
+        """The dataset the loader reads: the run's, or, with ``--cache-latents``, its cached latents (filled now).
+        Without sample videos to draw, the networks the cache replaces then leave the device for the CPU."""
+        c, run = self.config, self.run
+        if c.cache_latents is None:
+            return run.dataset
+        from cinematic.train.cache import cached_dataset
+
+        plan = self._plan(run.start_step, c.stop_at or c.steps, everyone=True)
+        data = cached_dataset(c, self.model, run.dataset, run.clip, run.world, plan)
+        if not c.sample_every:
+            self.model.vae.to("cpu")
+            if data.empty is not None:  # the text features are cached too
+                self.model.text_encoder.to("cpu")
+        return data
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One group, or two when the text encoder learns at its own rate (``text_lr_scale``)."""
@@ -213,23 +290,29 @@ class Trainer:
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.run.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def loss(self, batch: dict[str, Any], rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Any], draws: Draws) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         if c.stage == "vae":
-            return vae_loss(self.model, batch, rng, c.kl_weight, self.autocast)
+            return vae_loss(self.model, batch, draws, c.kl_weight, self.autocast)
         timesteps = (c.timestep_sampling, c.timestep_mean, c.timestep_std)
-        return unet_loss(self.model, batch, rng, self.alpha_bar, c.caption_dropout, self.autocast, timesteps)
+        return unet_loss(self.model, batch, draws, self.alpha_bar, c.caption_dropout, self.autocast, timesteps)
+
+    def _plan(self, start: int, stop: int, everyone: bool = False) -> BatchPlan:
+        """This rank's micro-batches of steps ``start`` to ``stop`` (``everyone``: those of all ranks)."""
+        c, world = self.config, self.run.world
+        rank, size = (0, 1) if everyone else (world.rank, world.size)
+        batch = c.batch_size * (world.size if everyone else 1)
+        return BatchPlan(len(self.run.dataset), batch, c.grad_accum, c.seed, start, stop, rank, size)
 
     def fit(self) -> Path:
-        c, start = self.config, self.run.start_step
+        c, start, world = self.config, self.run.start_step, self.world
         stop = c.stop_at or c.steps
         if start >= stop:
             latest = latest_checkpoint(c.out)
-            return write_final(c.out, latest) if start >= c.steps else latest
+            return self._finish(latest) if start >= c.steps else latest
         self._announce(start, stop)
-        plan = BatchPlan(len(self.run.dataset), c.batch_size, c.grad_accum, c.seed, start, stop)
-        batches = loader(self.run.dataset, plan, c.workers, pin=self.run.device.type == "cuda")
-        bar = _progress(stop - start, f"training {c.stage}") if c.progress else None
+        batches = loader(self.train_data, self._plan(start, stop), c.workers, pin=self.run.device.type == "cuda")
+        bar = _progress(stop - start, f"training {c.stage}") if c.progress and world.is_main else None
         checkpoint = None
         with self._log(start) as log:
             for step in range(start, stop):
@@ -237,8 +320,9 @@ class Trainer:
                 metrics = self.step(step, [next(batches) for _ in range(c.grad_accum)])
                 done = step + 1
                 seconds = time.perf_counter() - began  # data loading included
-                log.write(json.dumps({"step": done, **metrics, "seconds": round(seconds, 4)}) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps({"step": done, **metrics, "seconds": round(seconds, 4)}) + "\n")
+                    log.flush()
                 if bar is not None:
                     bar.update(loss=metrics["loss"], lr=metrics["lr"])
                 if done % c.save_every == 0 or done == stop:
@@ -247,21 +331,31 @@ class Trainer:
                     self.sample(done)
         if bar is not None:
             bar.close()
-        return write_final(c.out, checkpoint) if stop == c.steps else checkpoint
+        return self._finish(checkpoint) if stop == c.steps else self._finish(checkpoint, final=False)
+
+    def _finish(self, checkpoint: Path, final: bool = True) -> Path:
+        """``OUT/model`` (or the checkpoint of a run that stops early), once rank 0 has written it."""
+        done = self.world.on_main(lambda: (write_final(self.config.out, checkpoint) if final else checkpoint).name)
+        return self.config.out / done
 
     def step(self, step: int, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer update over the micro-batches of ``step`` (0-based); returns the averaged metrics."""
-        c = self.config
+        """One optimizer update over this rank's micro-batches of ``step`` (0-based); returns the metrics averaged
+        over micro-batches and ranks."""
+        c, world = self.config, self.world
         lr = learning_rate(step, c.lr, c.warmup_steps, c.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints older than it
-        torch.manual_seed(derive_seed(c.seed, MODULES, step))  # the networks' dropout (CPU and CUDA)
+        # The networks' dropout (CPU and CUDA); rank 0 draws what one process would.
+        torch.manual_seed(derive_seed(c.seed, MODULES, *module_seed_words(step, world.rank)))
+        draws = StepDraws(generator(c.seed, STEP, step, 0), self.run.global_batch)
         totals: dict[str, float] = {}
         for micro, batch in enumerate(batches):
-            loss, extra = self.loss(batch, generator(c.seed, STEP, step, micro))
-            (loss / len(batches)).backward()
+            with self.parallel.syncing(last=micro == len(batches) - 1):
+                loss, extra = self.parallel(batch, draws.rows(micro_rows(micro, c.batch_size, world)))
+                (loss / len(batches)).backward()
             for key, value in {"loss": loss.item(), **extra}.items():
                 totals[key] = totals.get(key, 0.0) + value / len(batches)
+        totals = world.mean(totals)
         if not math.isfinite(totals["loss"]):
             raise CinematicError(
                 f"the loss is {totals['loss']} at step {step + 1}; lower --lr and resume from the last checkpoint"
@@ -270,10 +364,14 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(step)
-        return {**totals, "lr": lr, "grad_norm": float(norm)}
+        return {**totals, "lr": lr, "grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)}
 
     def save(self, done: int) -> Path:
-        c, model = self.config, self.model
+        """``OUT/checkpoint-<done>``, written by rank 0 (the others name it and go on). Under FSDP every rank first
+        takes part in gathering the whole weights and state, so the checkpoint is the same as without it."""
+        c, model, world = self.config, self.model, self.world
+        if not world.is_main and not c.fsdp:
+            return checkpoint_dir(c.out, done)
         if self.run.fresh and c.stage == "vae":
             self._rescale_latents()
         state = {
@@ -281,19 +379,30 @@ class Trainer:
             "stage": c.stage,
             "parts": sorted(c.trained_parts()),
             "fresh": self.run.fresh,
-            "networks": {name: getattr(model, name).state_dict() for name in COMPONENTS},
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "networks": gathered({name: getattr(model, name).state_dict() for name in COMPONENTS}),
+            "ema": gathered(self.ema.state_dict()),
+            "optimizer": gathered(self.optimizer.state_dict()),
+            "optimizer_name": c.optimizer,
+            # How the global batch was split, so that a resumed run can check it and say what changed.
+            "global_batch": self.run.global_batch,
+            "batch_size": c.batch_size,
+            "world_size": world.size,
+            "grad_accum": c.grad_accum,
         }
+        averaged = {name: gathered(self.ema.network_state(name, getattr(model, name))) for name in COMPONENTS}
+        if not world.is_main:
+            return checkpoint_dir(c.out, done)
         if c.lora is not None:
             from cinematic.train.lora_training import save_lora_checkpoint
 
             return save_lora_checkpoint(c.out, done, model, self.ema, self.trainable, state, c)
         keep = c.keep_checkpoints
-        return save_checkpoint(c.out, done, model, self.ema, state, self.tokenizer_dir, c.save_dtype, keep)
+        return save_checkpoint(c.out, done, model, averaged, state, self.tokenizer_dir, c.save_dtype, keep)
 
     def sample(self, done: int) -> None:
-        """``sample_fn`` on the EMA weights in eval mode; the training state is left exactly as it was."""
+        """``sample_fn`` on the EMA weights in eval mode, on rank 0; the training state is left exactly as it was."""
+        if not self.world.is_main:
+            return
         networks = [getattr(self.model, name) for name in COMPONENTS]
         modes = [network.training for network in networks]
         for network in networks:
@@ -336,27 +445,34 @@ class Trainer:
         return prompt_sampler(folder, prompts, self.run.clip, c.sample_steps, c.sample_guidance, c.seed)
 
     def _log(self, start: int):
-        """``OUT/log.jsonl``, one line per update; lines past ``start`` (from an interrupted run) are dropped."""
+        """``OUT/log.jsonl``, one line per update; lines past ``start`` (from an interrupted run) are dropped. Rank 0
+        writes it and ``run.json``; the other ranks get None."""
+        if not self.world.is_main:
+            return contextlib.nullcontext(None)
         path = self.config.out / LOG_FILE
         kept = []
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
         path.write_text("".join(line + "\n" for line in kept))
-        (self.config.out / RUN_FILE).write_text(json.dumps({**self.config.to_json(), "start_step": start}, indent=2))
+        run = {**self.config.to_json(), "start_step": start, "processes": self.world.size}
+        run["global_batch"] = self.run.global_batch
+        (self.config.out / RUN_FILE).write_text(json.dumps(run, indent=2))
         return path.open("a")
 
     def _announce(self, start: int, stop: int) -> None:
-        if not self.config.progress:
+        if not self.config.progress or not self.world.is_main:
             return
         c, run = self.config, self.run
         trained = sum(p.numel() for p in self.params)
         total = sum(p.numel() for name in COMPONENTS for p in getattr(self.model, name).parameters())
         what = "+".join(sorted(c.trained_parts())) if c.lora is None else f"LoRA rank {c.lora} ({c.lora_targets})"
         source = "resumed from step " + str(start) if run.state else (c.init or f"fresh {c.preset}")
+        processes = f"{self.world.size} process{'es' if self.world.size > 1 else ''}"
         print(
             f"training {what} ({trained:,} of {total:,} parameters), {source}; {len(run.dataset):,} clips of "
-            f"{run.clip[0]}x{run.clip[1]}x{run.clip[2]}, batch {c.batch_size}x{c.grad_accum}, steps {start}->{stop}, "
-            f"{run.device.type} {self.precision}",
+            f"{run.clip[0]}x{run.clip[1]}x{run.clip[2]}, global batch {run.global_batch} = {c.batch_size} per "
+            f"process x {processes} x {c.grad_accum} accumulation, steps {start}->{stop}, {run.device.type} "
+            f"{self.precision}{' FSDP' if c.fsdp else ''}",
             file=sys.stderr,
         )
 

@@ -77,8 +77,10 @@ class EMA:
         expected = set(self.state_dict())
         if set(state) != expected:
             raise CinematicError("the checkpoint's EMA weights do not match the parameters this run trains")
+        from cinematic.train.distributed import shaped_like
+
         for (owner, name), s in zip(self.names, self.shadow):
-            s.copy_(state[f"{owner}.{name}"])
+            s.copy_(shaped_like(s, state[f"{owner}.{name}"]))
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -108,20 +110,21 @@ def save_checkpoint(
     out: Path,
     step: int,
     model: Model,
-    ema: EMA,
+    networks: dict[str, dict[str, torch.Tensor]],
     training_state: dict[str, Any],
     tokenizer_dir: Path,
     save_dtype: str,
     keep: int | None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically (it appears complete or not at all), point ``latest`` at it, and
-    drop older training states and, beyond ``keep``, older checkpoints."""
+    drop older training states and, beyond ``keep``, older checkpoints. ``networks`` holds the weights the model
+    files get (the EMA ones: ``EMA.network_state``)."""
     from cinematic.weights.native import write_native
 
     target = checkpoint_dir(out, step)
     staging = out / f".{target.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    states = {name: (lambda name=name: ema.network_state(name, getattr(model, name))) for name in COMPONENTS}
+    states = {name: (lambda name=name: networks[name]) for name in COMPONENTS}
     write_native(staging, model.config, states, tokenizer_dir, DTYPES[save_dtype])
     torch.save({"version": STATE_VERSION, **training_state}, staging / STATE_FILE)
     if target.exists():  # a resumed run re-saving a step it had saved before

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from cinematic.diffusion.denoisers import prediction_target
 from cinematic.models.components import Model
+from cinematic.train.distributed import Draws
 
 SampleFn = Callable[[Model, int], None]
 
@@ -28,36 +29,52 @@ SampleFn = Callable[[Model, int], None]
 def unet_loss(
     model: Model,
     batch: dict[str, Any],
-    rng: torch.Generator,
+    draws: Draws,
     alpha_bar: torch.Tensor,
     caption_dropout: float,
     autocast: Callable[[], AbstractContextManager],
     timesteps: tuple[str, float, float] = ("uniform", 0.0, 1.0),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The ε- (or v-) prediction loss of one batch. Every draw (dropped captions, posterior sample, ``t``, ``eps``)
-    comes from ``rng``, on the CPU, in that order. The frozen VAE encodes in float32; text encoder and UNet run under
-    ``autocast``. ``timesteps`` is ``(sampling, mean, std)``, see :func:`draw_timesteps`."""
+    comes from ``draws`` (this batch's rows of its step's draws, ``train/distributed.py``), on the CPU, in that
+    order. The frozen VAE encodes in float32 (or the batch brings cached posterior moments, ``train/cache.py``);
+    text encoder and UNet run under ``autocast``. ``timesteps`` is ``(sampling, mean, std)``, see
+    :func:`draw_timesteps`."""
     device = model.unet.conv_in.weight.device
-    video = batch["video"].to(device)
-    b = video.shape[0]
-    dropped = (torch.rand(b, generator=rng) < caption_dropout).tolist()
+    b = len(batch["caption"])
+    dropped = (draws.take(lambda g, n: torch.rand(n, generator=g)) < caption_dropout).tolist()
     captions = ["" if drop else caption for caption, drop in zip(batch["caption"], dropped)]
-    with torch.no_grad():
-        x0 = model.vae.encode_video(video, generator=rng).float()  # [B,4,F,h,w], scaled
-    t = draw_timesteps(b, alpha_bar.shape[0], rng, *timesteps)
-    eps = torch.randn(x0.shape, generator=rng)
+    x0 = clean_latents(model, batch, draws, device)  # [B,4,F,h,w], scaled
+    t = draws.take(lambda g, n: draw_timesteps(n, alpha_bar.shape[0], g, *timesteps))
+    eps = draws.take(lambda g, n: torch.randn((n, *x0.shape[1:]), generator=g))
     signal = alpha_bar[t].sqrt().float().view(b, 1, 1, 1, 1)  # coefficients in float64, applied in float32
     noise = (1.0 - alpha_bar[t]).sqrt().float().view(b, 1, 1, 1, 1)
     eps = eps.to(device)
     x_t = signal.to(device) * x0 + noise.to(device) * eps
-    tokens = model.tokenizer(captions).to(device)
     text_trains = any(p.requires_grad for p in model.text_encoder.parameters())
     with autocast():
-        with torch.set_grad_enabled(text_trains):
-            context = model.text_encoder(tokens)
+        if "context" in batch and not text_trains:  # cached features of the captions and of ""
+            keep = torch.tensor(dropped, device=device).view(b, 1, 1)
+            context = torch.where(keep, batch["empty_context"].to(device), batch["context"].to(device))
+        else:
+            with torch.set_grad_enabled(text_trains):
+                context = model.text_encoder(model.tokenizer(captions).to(device))
         pred = model.unet(x_t, t.to(device, torch.float32), context)
     target = prediction_target(model.config.schedule.prediction_type, x0, eps, signal.to(device), noise.to(device))
     return F.mse_loss(pred.float(), target), {}
+
+
+@torch.no_grad()
+def clean_latents(model: Model, batch: dict[str, Any], draws: Draws, device: torch.device) -> torch.Tensor:
+    """``x0``: posterior samples ``[B,4,F,h,w]`` of the batch's clips (or of its cached moments ``[B,F,4,h,w]``)."""
+    b = len(batch["caption"])
+    if "mean" in batch:
+        mean, logvar = (batch[key].to(device).flatten(0, 1) for key in ("mean", "logvar"))  # [(B F),4,h,w]
+    else:
+        mean, logvar = model.vae.encode_moments(batch["video"].to(device))
+    frames, tail = mean.shape[0] // b, mean.shape[1:]
+    eps = draws.take(lambda g, n: torch.randn((n * frames, *tail), generator=g, dtype=mean.dtype).unflatten(0, (n, -1)))
+    return model.vae.posterior_latents(mean, logvar, b, eps=eps.flatten(0, 1)).float()
 
 
 def draw_timesteps(n: int, steps: int, rng: torch.Generator, sampling: str, mean: float, std: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cinematic.models.components import Model
+from cinematic.train.distributed import Draws
 
 SCALE_BATCHES = 4  # batches whose latents set a fresh VAE's scaling factor
 
@@ -22,20 +23,22 @@ SCALE_BATCHES = 4  # batches whose latents set a fresh VAE's scaling factor
 def vae_loss(
     model: Model,
     batch: dict[str, Any],
-    rng: torch.Generator,
+    draws: Draws,
     kl_weight: float,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``mean |x - x'| + mean (x - x')^2 + kl_weight * mean KL(q(z|x) || N(0, I))`` over every frame of the batch,
-    the latent drawn from the posterior with ``rng``; the networks run under ``autocast``, the losses in float32."""
+    the latent drawn from the posterior with ``draws`` (``train/distributed.py``); the networks run under
+    ``autocast``, the losses in float32."""
     vae = model.vae
     weight = vae.quant_conv.weight
     video = batch["video"].to(weight.device)
     images = video.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B,3,F,H,W] -> [(B F),3,H,W]
     with autocast():
         mean, logvar = vae.encode(images)
-        eps = torch.randn(mean.shape, generator=rng).to(mean.device, mean.dtype)
-        z = mean + (0.5 * logvar).exp() * eps
+        frames, tail = mean.shape[0] // video.shape[0], mean.shape[1:]
+        eps = draws.take(lambda g, n: torch.randn((n * frames, *tail), generator=g).unflatten(0, (n, -1)))
+        z = mean + (0.5 * logvar).exp() * eps.flatten(0, 1).to(mean.device, mean.dtype)
         recon = vae.decode(z)
     error = recon.float() - images
     l1, l2 = error.abs().mean(), error.square().mean()
