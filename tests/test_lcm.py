@@ -26,6 +26,7 @@ from cinematic.diffusion import schedule as sch
 from cinematic.diffusion.denoisers import boundary_scalings
 from cinematic.diffusion.samplers import sample_lcm
 from cinematic.errors import CinematicError
+from cinematic.generation.pictures import Pictures, encode_image, fit_frames
 from cinematic.models.components import Defaults, ScheduleConfig
 from cinematic.pipeline import Pipeline
 from cinematic.settings import SAMPLER_NAMES, ModelFacts, SettingError, settings_from
@@ -33,7 +34,7 @@ from cinematic.settings import SAMPLER_NAMES, ModelFacts, SettingError, settings
 ALPHA_BAR = sch.alpha_bar_scaled_linear()
 SHAPE = (2, 4, 3, 4, 5)  # B C F H W
 PROMPT = "a red circle moving left"
-SMALL = dict(num_frames=4, seed=3, progress=False)
+SMALL = dict(num_frames=2, seed=3, progress=False)  # the bundled model at 2 frames: a UNet pass is cheap
 
 
 def fake_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -162,8 +163,8 @@ def test_boundary_scalings():
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_an_exact_network_gives_the_boundary_scaled_x0(prediction):
     """A network that outputs the exact training target of a fixed x0 makes x0_hat = x0 at every step; the sampler's
-    result is then ``c_out x0 + c_skip x_VP`` at the last timestep, which for 4 steps (t = 279, scaling 10) is x0
-    within 1e-7."""
+    result is then ``c_out x0 + c_skip x_VP`` at the last timestep, which for 4 steps (t = 279, scaling 10: c_skip
+    = 3.2e-8) is x0 within 1e-6."""
     x0 = noise(3)
     a = ALPHA_BAR
 
@@ -184,7 +185,7 @@ def test_an_exact_network_gives_the_boundary_scaled_x0(prediction):
                      generator=torch.Generator().manual_seed(0))  # fmt: skip
     c_skip, c_out = boundary_scalings(279.0, 10.0)
     torch.testing.assert_close(out, c_out * x0 + c_skip * calls[-1], rtol=0, atol=1e-12)
-    assert (out - x0).abs().max() < 1e-7
+    assert (out - x0).abs().max() < 1e-6
 
 
 def test_the_sampler_refuses_what_it_cannot_do():
@@ -310,23 +311,22 @@ class UNetCalls:
         del self.pipe.encode_prompts
 
 
-@pytest.mark.parametrize("steps", [1, 4, 8])
-def test_lcm_runs_one_conditional_unet_pass_per_step(pipe, steps):
+def test_lcm_runs_one_conditional_unet_pass_per_step(pipe):
     with UNetCalls(pipe) as calls:
-        video = pipe(PROMPT, sampler="lcm", num_inference_steps=steps, num_videos=2, **SMALL)
-    assert calls.batches == [2] * steps  # two videos, one batch, no unconditional rows
+        video = pipe(PROMPT, sampler="lcm", num_inference_steps=4, num_videos=2, **SMALL)
+    assert calls.batches == [2] * 4  # two videos, one batch, no unconditional rows
     assert calls.prompts == [PROMPT, PROMPT]  # the empty (unconditional) prompt is never encoded
     assert [v.metadata["sampler"] for v in video] == ["lcm", "lcm"]
     assert video[0].metadata["guidance_scale"] == 1.0 and video[0].metadata["timestep_scaling"] == 10.0
     with UNetCalls(pipe) as ddim:
-        pipe(PROMPT, num_inference_steps=2, **SMALL)
-    assert ddim.batches == [2, 2] and ddim.prompts == [PROMPT, ""]  # DDIM with guidance 9: both branches
+        pipe(PROMPT, num_inference_steps=1, **SMALL)
+    assert ddim.batches == [2] and ddim.prompts == [PROMPT, ""]  # DDIM with guidance 9: both branches
 
 
 def test_lcm_equals_the_sampler_run_on_the_pipelines_own_eps(pipe):
     """The pipeline's lcm latents are the sampler's on the same network, noise and generator: nothing else (no
     guidance, no other schedule) comes between."""
-    request = pipe.validate(PROMPT, sampler="lcm", num_inference_steps=4, timestep_scaling=4, num_frames=4, seed=9)
+    request = pipe.validate(PROMPT, sampler="lcm", num_inference_steps=3, timestep_scaling=4, num_frames=2, seed=9)
     latents = pipe.sample(request, progress=False)
     noise, generator = pipe.initial_noise(request)
     cond = pipe.encode_prompts([PROMPT])
@@ -336,36 +336,38 @@ def test_lcm_equals_the_sampler_run_on_the_pipelines_own_eps(pipe):
         return pipe.model.unet(x, t, cond)
 
     with torch.inference_mode():
-        expected = sample("lcm", eps, noise, 4, generator=generator, alpha_bar=pipe.alpha_bar, timestep_scaling=4.0,
+        expected = sample("lcm", eps, noise, 3, generator=generator, alpha_bar=pipe.alpha_bar, timestep_scaling=4.0,
                           prediction=config.prediction_type, spacing=config.timestep_spacing)  # fmt: skip
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-6)
 
 
 def test_lcm_with_video_to_video_freeinit_windows_and_a_pinned_frame(pipe):
     """What combines with one pass per step: a restyled clip runs the steps its strength leaves (4 x 0.5 = 2),
-    FreeInit samples again (2 x 4 calls), a long clip runs its windows (2 per step), a prompt schedule, FreeU and a
-    loop run, a first frame stays pinned."""
-    clip = torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8)
+    FreeInit samples again (2 x 2 calls), a long clip with a prompt schedule runs its windows (2 per step), FreeU and
+    a loop run, a first frame stays pinned."""
+    clip = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
     with UNetCalls(pipe) as calls:
-        pipe(PROMPT, sampler="lcm", num_inference_steps=4, init_video=clip, strength=0.5, **SMALL)
+        latents = pipe.sample(
+            pipe.validate(
+                PROMPT, sampler="lcm", num_inference_steps=4, strength=0.5, num_frames=2, pictures=Pictures(video=clip)
+            ),
+            progress=False,
+            pictures=Pictures(video=clip),
+        )
     assert calls.batches == [1, 1]
     with UNetCalls(pipe) as calls:
-        pipe(PROMPT, sampler="lcm", num_inference_steps=4, freeinit=1, **SMALL)
-    assert calls.batches == [1] * 8
-    with UNetCalls(pipe) as calls:
-        pipe(PROMPT, sampler="lcm", num_inference_steps=2, num_frames=6, window=4, window_stride=2, seed=1,
-             progress=False)  # fmt: skip
-    assert calls.batches == [1, 1] * 2
-    schedule = "0: a red circle moving right | 4: a red circle moving left"
-    request = pipe.validate("", prompt_schedule=schedule, sampler="lcm", num_inference_steps=2, num_frames=8,
+        pipe.sample(
+            pipe.validate(PROMPT, sampler="lcm", num_inference_steps=2, freeinit=1, num_frames=2), progress=False
+        )
+    assert calls.batches == [1] * 4
+    schedule = "0: a red circle moving right | 3: a red circle moving left"
+    request = pipe.validate("", prompt_schedule=schedule, sampler="lcm", num_inference_steps=1, num_frames=6,
                             window=4, seed=1, freeu=True, loop=True)  # fmt: skip
     with UNetCalls(pipe) as calls:
         latents = pipe.sample(request, progress=False)
-    assert calls.batches == [1, 1, 1] * 2 and torch.equal(latents[:, :, -1], latents[:, :, 0])
+    assert calls.batches == [1, 1] and torch.equal(latents[:, :, -1], latents[:, :, 0])
     still = torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8)
-    request = pipe.validate(PROMPT, sampler="lcm", num_inference_steps=4, num_frames=4, seed=2)
-    from cinematic.generation.pictures import Pictures, encode_image, fit_frames
-
+    request = pipe.validate(PROMPT, sampler="lcm", num_inference_steps=2, num_frames=2, seed=2)
     latents = pipe.sample(request, progress=False, pictures=Pictures(image=still))
     known = encode_image(pipe.model.vae, fit_frames(still[None], 1, 32, 32), pipe.dtype)
     torch.testing.assert_close(latents[:, :, 0], known, rtol=0, atol=0)
@@ -412,9 +414,9 @@ def test_a_unet_with_a_guidance_embedding_gets_the_scale_and_one_pass_per_step(s
     pipe.model.config = _ModelConfigWithEmbedding(pipe.model.config)
     assert pipe.facts.guidance_embedding
     with UNetCalls(pipe) as calls:
-        video = pipe(PROMPT, sampler=sampler, num_inference_steps=3, guidance_scale=7.5, num_videos=2, **SMALL)
-    assert calls.batches == [2, 2, 2] and calls.prompts == [PROMPT, PROMPT]
-    assert len(pipe.model.unet.given) == 3
+        video = pipe(PROMPT, sampler=sampler, num_inference_steps=2, guidance_scale=7.5, num_videos=2, **SMALL)
+    assert calls.batches == [2, 2] and calls.prompts == [PROMPT, PROMPT]
+    assert len(pipe.model.unet.given) == 2
     for w in pipe.model.unet.given:
         assert w.dtype == torch.float32 and w.tolist() == [7.5, 7.5]
     assert video[0].metadata["guidance_scale"] == 7.5
@@ -440,21 +442,24 @@ def test_generate_with_lcm_and_its_errors(tmp_path, capsys):
     from cinematic import video
 
     out = tmp_path / "lcm.mp4"
-    args = ["generate", PROMPT, "--sampler", "lcm", "--num-inference-steps", "4", "--num-frames", "4"]
+    args = ["generate", PROMPT, "--sampler", "lcm", "--num-inference-steps", "2", "--num-frames", "2"]
     assert main([*args, "--timestep-scaling", "4", "--seed", "1", "-o", str(out)]) == 0
     metadata = video.read(out).metadata
-    assert (metadata["sampler"], metadata["num_inference_steps"], metadata["timestep_scaling"]) == ("lcm", 4, 4.0)
+    assert (metadata["sampler"], metadata["num_inference_steps"], metadata["timestep_scaling"]) == ("lcm", 2, 4.0)
     assert metadata["guidance_scale"] == 1.0
     capsys.readouterr()
     for extra, message in [
-        (["--guidance-scale", "9"], "error: guidance_scale: must be 1 with the lcm sampler on a model without a "
-                                    "guidance embedding (one conditional UNet pass per step), not 9"),
+        (
+            ["--guidance-scale", "9"],
+            "error: guidance_scale: must be 1 with the lcm sampler on a model without a "
+            "guidance embedding (one conditional UNet pass per step), not 9",
+        ),
         (["--negative-prompt", "blurry"], "error: negative_prompt: needs the unconditional UNet pass"),
         (["--timestep-scaling", "0"], "error: timestep_scaling: must be a number from 0.01 to 1000, not 0.0"),
         (["--num-inference-steps", "60"], "error: num_inference_steps: must be an integer from 1 to 50 with the lcm"),
     ]:
         bad = tmp_path / "bad.mp4"
-        assert main([*args, *extra, "-o", str(bad)]) == 2
+        assert main([*args, *extra, "--seed", "1", "-o", str(bad)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), err
         assert not bad.exists()
@@ -463,10 +468,10 @@ def test_generate_with_lcm_and_its_errors(tmp_path, capsys):
 def test_eval_takes_the_sampler_and_the_scaling(tmp_path, capsys):
     report = tmp_path / "eval.json"
     caption = ["--captions", PROMPT, "--seeds", "1", "--device", "cpu"]
-    assert main(["eval", *caption, "--sampler", "lcm", "--num-inference-steps", "2", "--timestep-scaling", "4",
+    assert main(["eval", *caption, "--sampler", "lcm", "--num-inference-steps", "1", "--timestep-scaling", "4",
                  "--json", str(report)]) == 0  # fmt: skip
     settings = json.loads(report.read_text())["settings"]
-    assert (settings["sampler"], settings["num_inference_steps"], settings["timestep_scaling"]) == ("lcm", 2, 4.0)
+    assert (settings["sampler"], settings["num_inference_steps"], settings["timestep_scaling"]) == ("lcm", 1, 4.0)
     assert settings["guidance_scale"] == 1.0
     capsys.readouterr()
     assert main(["eval", *caption, "--timestep-scaling", "-1"]) == 2
@@ -482,14 +487,14 @@ def test_the_server_offers_lcm_and_checks_it(tmp_path):
         health = client.get("/healthz").json()
         assert "lcm" in health["samplers"] and health["defaults"]["timestep_scaling"] == 10.0
         assert health["bounds"]["timestep_scaling"] == [0.01, 1000]
-        job = submit(client, prompt=PROMPT, sampler="lcm", num_inference_steps=2, num_frames=4, timestep_scaling=4)
+        job = submit(client, prompt=PROMPT, sampler="lcm", num_inference_steps=2, num_frames=2, timestep_scaling=4.0)
         assert (job["sampler"], job["guidance_scale"], job["timestep_scaling"]) == ("lcm", 1.0, 4.0)
         assert wait_status(client, job["id"], ("completed", "failed"), timeout=120)["status"] == "completed"
         for body, field in [
             ({"sampler": "lcm", "guidance_scale": 9}, "guidance_scale"),
             ({"sampler": "lcm", "negative_prompt": "blurry"}, "negative_prompt"),
             ({"sampler": "lcm", "num_inference_steps": 51}, "num_inference_steps"),
-            ({"timestep_scaling": 0}, "timestep_scaling"),
+            ({"timestep_scaling": 0.0}, "timestep_scaling"),
         ]:
             response = client.post("/v1/videos", json={"prompt": PROMPT, **body})
             assert response.status_code == 422 and response.json()["error"]["param"] == field, response.text

@@ -335,8 +335,8 @@ def _check_one_pass(s: Settings, model: ModelFacts) -> None:
 
     lcm = s.sampler == "lcm"
     if lcm and not model.guidance_embedding and s.guidance_scale != 1.0:
-        raise SettingError("guidance_scale", f"must be 1 with the lcm sampler on a model without a guidance embedding "
-                                             f"(one conditional UNet pass per step), not {s.guidance_scale:g}")  # fmt: skip
+        raise SettingError("guidance_scale", f"must be 1 with the lcm sampler on a model without a guidance "
+                           f"embedding (one conditional UNet pass per step), not {s.guidance_scale:g}")  # fmt: skip
     if lcm and s.num_inference_steps > LCM_ORIGIN_STEPS:
         raise SettingError("num_inference_steps", f"must be an integer from 1 to {LCM_ORIGIN_STEPS} with the lcm "
                            f"sampler (its steps come from the {LCM_ORIGIN_STEPS}-step grid it was distilled on), not "

@@ -145,7 +145,9 @@ def lcm_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, origin_steps
     as the reference does; from 26 to 50 steps the stride is 1 (the top ``steps`` of the grid). More than
     ``origin_steps`` steps has no grid to come from and is refused. Int64, descending."""
     if not 1 <= steps <= origin_steps or num_train < origin_steps:
-        raise ValueError(f"the lcm grid has {min(origin_steps, num_train)} timesteps; {steps} steps cannot come from it")
+        raise ValueError(
+            f"the lcm grid has {min(origin_steps, num_train)} timesteps; {steps} steps cannot come from it"
+        )
     stride = num_train // origin_steps
     origin = torch.arange(1, origin_steps + 1, dtype=torch.int64) * stride - 1
     return origin.flip(0)[:: origin_steps // steps][:steps]
