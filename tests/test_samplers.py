@@ -415,7 +415,7 @@ def test_cfg_modes_give_the_same_video_latent(name):
 
 
 def test_registry_names():
-    assert sorted(SAMPLERS) == ["ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral"]
+    assert sorted(SAMPLERS) == ["ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral", "lcm"]
 
 
 def test_unknown_sampler_lists_the_choices():

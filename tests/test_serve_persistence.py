@@ -122,7 +122,8 @@ def test_kill_9_during_a_generation_loses_nothing(tmp_path, store):
 
 def params(seed: int = 1) -> Params:
     settings = Settings(prompt="a cat", num_frames=2, height=32, width=32, num_inference_steps=2, seed=seed)
-    shapes = ModelFacts(num_frames=16, height=32, width=32, fps=8, max_steps=1000, levels=2)
+    shapes = ModelFacts(num_frames=16, height=32, width=32, fps=8, max_steps=1000, levels=2, sampler="ddim",
+                        num_inference_steps=50, guidance_scale=9.0, timestep_scaling=10.0)  # fmt: skip
     return Params(settings.resolve(shapes), "shapes")
 
 

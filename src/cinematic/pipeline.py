@@ -208,7 +208,8 @@ class Pipeline:
         memory = memory or (Memory.low() if low_memory else Memory())
         s = request.settings
         starts = window_starts(s.num_frames, s.window, s.window_stride) if s.windowed else [0]
-        text = text_features(self.encode_prompts, s, request.prompts, request.num_videos, starts)
+        text = text_features(self.encode_prompts, s, request.prompts, request.num_videos, starts,
+                             s.unconditional_pass(self.facts))  # fmt: skip
         if memory.free_text_encoder:
             self.release_text_encoder()
         start = starting_point(self.model, s, request.count, request.seeds, pictures, self.dtype)
@@ -227,7 +228,7 @@ class Pipeline:
             # The compiled or recorded UNet serves plain steps only: no feature caching, and no modification that a
             # recorded forward would not run (FreeU, unmerged adapters), which are in place for the whole run.
             fast = self._fast_unet if s.cache_interval == 1 and graph_safe(self.model.unet) else None
-            unet = UNetCall(self.model.unet, self.dtype, self.device, fast)
+            unet = UNetCall(self.model.unet, self.dtype, self.device, fast, s.guidance_scale)
             pin = start.pin(noise)
             latents = sample(
                 s.sampler, video_eps(unet, s, text, starts, steps, memory.batched_guidance), noise,
@@ -236,7 +237,7 @@ class Pipeline:
                 start=start.start, wrap=None if pin is None else pin.wrap,
                 prediction=self.model.config.schedule.prediction_type,
                 spacing=self.model.config.schedule.timestep_spacing,
-                steps_offset=self.model.config.schedule.steps_offset,
+                steps_offset=self.model.config.schedule.steps_offset, timestep_scaling=s.timestep_scaling,
             )  # fmt: skip
             return latents if pin is None else pin.finish(latents)
 

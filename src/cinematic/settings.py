@@ -8,10 +8,11 @@ metadata written into every video file. A bad value raises :class:`SettingError`
 
 Three kinds of default:
 
-- a value (``num_inference_steps=50``);
+- a value (``eta=0``);
 - ``None`` resolved from the model, in one place (:meth:`Settings.resolve`): ``num_frames``, ``height``, ``width``,
-  ``fps`` and ``window`` default to what the model was trained on, ``window_stride`` to half a window, ``seed`` to a
-  drawn one;
+  ``fps`` and ``window`` default to what the model was trained on; ``sampler``, ``num_inference_steps``,
+  ``guidance_scale`` and ``timestep_scaling`` to what it is sampled with (its ``Defaults``: DDIM 50 at guidance 9
+  for most, 4 ``lcm`` steps for a few-step model); ``window_stride`` to half a window, ``seed`` to a drawn one;
 - ``None`` meaning "not used" (``negative_prompt``, ``prompt_schedule``, ``strength`` without an init video).
 
 Renamed settings keep their old names as deprecated aliases (``steps``, ``guidance``, ``frames``, ``negative``):
@@ -33,8 +34,7 @@ from typing import Any
 
 from cinematic.errors import CinematicError
 
-# diffusion.samplers.SAMPLERS
-SAMPLER_NAMES = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral", "lcm")
+SAMPLER_NAMES = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_ancestral", "lcm")  # diffusion.samplers
 SEED_RANGE = 2**32  # seeds are unsigned 32-bit, as users copy them between tools
 SIZE_MULTIPLE = 8
 MIN_SIZE = 64  # for models trained at that size or more; a model trained smaller allows its own size
@@ -99,12 +99,22 @@ class ModelFacts:
     fps: float
     max_steps: int  # the schedule's training timesteps: more sampling steps than that have no meaning
     levels: int  # UNet levels, the deepest cache_depth
+    sampler: str  # what the model is sampled with when a call names nothing (its Defaults)
+    num_inference_steps: int
+    guidance_scale: float
+    timestep_scaling: float
+    guidance_embedding: bool = False  # the UNet takes the guidance scale as an input (one pass per step)
 
     @classmethod
     def of(cls, config: Any) -> ModelFacts:
         """The facts of a ``cinematic.models.components.ModelConfig``."""
         d = config.defaults
-        return cls(d.frames, d.height, d.width, d.fps, config.schedule.num_train_timesteps, len(config.unet.levels))
+        # time_cond_proj_dim: the UNet config's guidance embedding width, None without one (absent in older configs).
+        embedded = getattr(config.unet, "time_cond_proj_dim", None) is not None
+        return cls(
+            d.frames, d.height, d.width, d.fps, config.schedule.num_train_timesteps, len(config.unet.levels),
+            d.sampler, d.num_inference_steps, d.guidance_scale, d.timestep_scaling, embedded,
+        )  # fmt: skip
 
     @property
     def min_size(self) -> int:
@@ -143,16 +153,25 @@ class Settings:
         None, "width in pixels (default: the model's)", low=SIZE_MULTIPLE, high=MAX_SIZE,
         multiple_of=SIZE_MULTIPLE, model_default="width",
     )  # fmt: skip
-    num_inference_steps: int = setting(50, "denoising steps", low=1, high=1000, aliases=("steps",))
-    guidance_scale: float = setting(9.0, "classifier-free guidance scale", low=0, high=100, aliases=("guidance",))
+    num_inference_steps: int | None = setting(
+        None, "denoising steps (default: the model's, 50; 4 for a few-step model; at most 50 with lcm)", low=1,
+        high=1000, aliases=("steps",), model_default="num_inference_steps",
+    )  # fmt: skip
+    guidance_scale: float | None = setting(
+        None, "classifier-free guidance scale (default: the model's, 9; 1 with lcm on a model without a guidance "
+        "embedding)", low=0, high=100, aliases=("guidance",), model_default="guidance_scale",
+    )  # fmt: skip
     seed: int | None = setting(None, "random seed; video i of a call uses seed + i (default: drawn)", low=0,
                                high=SEED_RANGE - 1)  # fmt: skip
-    sampler: str = setting("ddim", "the sampler", choices=SAMPLER_NAMES)
+    sampler: str | None = setting(
+        None, "the sampler (default: the model's, ddim; lcm for a few-step model)", choices=SAMPLER_NAMES,
+        model_default="sampler",
+    )  # fmt: skip
     eta: float = setting(0.0, "DDIM's stochasticity (0: deterministic; euler_ancestral: 0 means its own 1)", low=0,
                          high=1)  # fmt: skip
-    timestep_scaling: float = setting(
-        10.0, "lcm only: the timestep scaling of the consistency boundary conditions (T2V-Turbo 10, MCM 4)", low=0.001,
-        high=1000,
+    timestep_scaling: float | None = setting(
+        None, "lcm only: the timestep scaling of the consistency boundary conditions (default: the model's, 10; "
+        "MCM's LoRAs use 4)", low=0.01, high=1000, model_default="timestep_scaling", metavar="S",
     )  # fmt: skip
     fps: float | None = setting(None, "frame rate of the file (default: the model's)", low=1, high=240,
                                 model_default="fps")  # fmt: skip
@@ -213,6 +232,8 @@ class Settings:
             source = spec(f.name).model_default
             if given[f.name] is None and source is not None:
                 given[f.name] = getattr(model, source)
+        if self.guidance_scale is None and given["sampler"] == "lcm" and not model.guidance_embedding:
+            given["guidance_scale"] = 1.0  # lcm without a guidance embedding: the conditional pass alone
         if self.num_frames is None and init_frames is not None:
             given["num_frames"] = init_frames
         given["seed"] = random_seed() if self.seed is None else self.seed
@@ -226,6 +247,13 @@ class Settings:
     def values(self) -> dict[str, Any]:
         """Every setting by name (the file metadata, the stored job)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def unconditional_pass(self, model: ModelFacts) -> bool:
+        """Whether sampling these resolved settings runs the unconditional (negative prompt) pass of classifier-free
+        guidance: a scale other than 1 on a model without a guidance embedding. A model with one takes the scale as
+        an input, and ``lcm`` on a model without one runs at scale 1 (:meth:`resolve` sees to it): one UNet pass
+        per step either way."""
+        return self.guidance_scale != 1.0 and not model.guidance_embedding
 
 
 def spec(name: str) -> Spec:
@@ -288,6 +316,7 @@ def _check_with_model(s: Settings, model: ModelFacts) -> None:
     if s.window_stride > max(s.window, 1):
         raise SettingError("window_stride", f"must be an integer from 1 to the window, {s.window}, not "
                                             f"{s.window_stride}")  # fmt: skip
+    _check_one_pass(s, model)
     if s.loop and s.num_frames < 2:
         raise SettingError("loop", f"a looping video needs at least 2 frames, not {s.num_frames}")
     if s.prompt_schedule is not None:
@@ -297,6 +326,37 @@ def _check_with_model(s: Settings, model: ModelFacts) -> None:
             parse_prompt_schedule(s.prompt_schedule, s.num_frames)
         except CinematicError as error:
             raise SettingError("prompt_schedule", str(error)) from None
+
+
+def _check_one_pass(s: Settings, model: ModelFacts) -> None:
+    """What one UNet pass per step rules out: ``lcm`` is a consistency model's sampler, and a model with a guidance
+    embedding (a distilled student) is guided through it, with no unconditional pass to steer or to drop."""
+    from cinematic.diffusion.schedule import LCM_ORIGIN_STEPS
+
+    lcm = s.sampler == "lcm"
+    if lcm and not model.guidance_embedding and s.guidance_scale != 1.0:
+        raise SettingError("guidance_scale", f"must be 1 with the lcm sampler on a model without a guidance "
+                           f"embedding (one conditional UNet pass per step), not {s.guidance_scale:g}")  # fmt: skip
+    if lcm and s.num_inference_steps > LCM_ORIGIN_STEPS:
+        raise SettingError("num_inference_steps", f"must be an integer from 1 to {LCM_ORIGIN_STEPS} with the lcm "
+                           f"sampler (its steps come from the {LCM_ORIGIN_STEPS}-step grid it was distilled on), not "
+                           f"{s.num_inference_steps}")  # fmt: skip
+    if lcm and s.eta != 0:
+        raise SettingError("eta", f"does not apply to the lcm sampler, which draws fresh noise between its steps; "
+                                  f"leave it at 0, not {s.eta:g}")  # fmt: skip
+    if lcm and s.cache_interval > 1:
+        raise SettingError("cache_interval", f"must be 1 with the lcm sampler: feature caching reuses deep features "
+                           f"between neighbouring steps, and lcm's few steps are far apart and freshly noised, not "
+                           f"{s.cache_interval}")  # fmt: skip
+    if not (lcm or model.guidance_embedding):
+        return
+    why = "this model takes the guidance scale as an input" if model.guidance_embedding else "the lcm sampler"
+    if s.negative_prompt:
+        raise SettingError("negative_prompt", f"needs the unconditional UNet pass, and there is none ({why}: one pass "
+                                              f"per step); leave it out")  # fmt: skip
+    if s.guidance_stop < 1.0:
+        raise SettingError("guidance_stop", f"drops the unconditional UNet pass, and there is none ({why}: one pass "
+                                            f"per step); leave it at 1, not {s.guidance_stop:g}")  # fmt: skip
 
 
 def check_prompts(prompt: Any, schedule: str | None) -> tuple[str | None, ...]:

@@ -2,6 +2,7 @@
 
 from cinematic.diffusion.denoisers import (
     ClassifierFreeGuidance,
+    ConsistencyDenoiser,
     Denoiser,
     DiscreteDenoiser,
     EpsModel,
@@ -20,12 +21,14 @@ from cinematic.diffusion.samplers import (
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_ancestral,
+    sample_lcm,
 )
 from cinematic.diffusion.schedule import alpha_bar_scaled_linear, sigma_from_alpha_bar, sigma_to_t
 
 __all__ = [
     "SAMPLERS",
     "ClassifierFreeGuidance",
+    "ConsistencyDenoiser",
     "Denoiser",
     "DiscreteDenoiser",
     "EpsModel",
@@ -42,6 +45,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_lcm",
     "sigma_from_alpha_bar",
     "sigma_to_t",
 ]

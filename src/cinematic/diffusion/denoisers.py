@@ -145,3 +145,32 @@ class DiscreteDenoiser:
         if self.prediction == "v_prediction":
             return x * (c * c) - out * (s * c)
         return x - s * out
+
+
+SIGMA_DATA = 0.5  # the data std the consistency boundary scalings assume (Song et al. 2023, app. C; LCM's 0.5)
+
+
+def boundary_scalings(t: float, timestep_scaling: float) -> tuple[float, float]:
+    """``(c_skip, c_out)`` of a consistency model at discrete timestep ``t`` (Song et al. 2023, eq. 9, with the
+    timestep scaled as latent consistency models scale it: ``s = timestep_scaling * t``): ``c_skip = sigma_data**2 /
+    (s**2 + sigma_data**2)``, ``c_out = s / sqrt(s**2 + sigma_data**2)``. At t = 0 the output is the input itself;
+    a larger scaling brings ``c_out`` nearer 1 at every other t (10: T2V-Turbo and LCM; 4: MCM)."""
+    s = timestep_scaling * t
+    return SIGMA_DATA**2 / (s * s + SIGMA_DATA**2), s / math.sqrt(s * s + SIGMA_DATA**2)
+
+
+@dataclass(frozen=True)
+class ConsistencyDenoiser:
+    """A consistency model's output ``f(x, t) = c_skip(t) x_VP + c_out(t) x0_hat`` as a ``Denoiser``, around the
+    network's own estimate ``x0_hat`` (:class:`DiscreteDenoiser`, epsilon or v, as any other sampler reads it).
+
+    The skip term adds the VP latent, as the distilled models were trained (not the VE ``x``); ``t`` is the
+    timestep the network is given. Coefficients are Python floats, so ``x`` keeps its dtype."""
+
+    denoiser: DiscreteDenoiser
+    timestep_scaling: float = 10.0
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        s = float(sigma)
+        c_skip, c_out = boundary_scalings(self.denoiser.timestep(sigma), self.timestep_scaling)
+        return self.denoiser(x, sigma) * c_out + x * (c_skip * (1.0 + s * s) ** -0.5)

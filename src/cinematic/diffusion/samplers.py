@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cinematic.diffusion import schedule
-from cinematic.diffusion.denoisers import DiscreteDenoiser, GuidedEps
+from cinematic.diffusion.denoisers import ConsistencyDenoiser, DiscreteDenoiser, GuidedEps
 from cinematic.errors import CinematicError
 
 StepCallback = Callable[[int, int], None]
@@ -161,6 +161,33 @@ def sample_dpmpp_2m(
     return x
 
 
+def sample_lcm(
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; Luo et al. 2023, Algorithm 1): the denoiser
+    (a :class:`~cinematic.diffusion.denoisers.ConsistencyDenoiser`) maps ``x`` straight to a clean estimate, which
+    is noised afresh to the next level, ``x_next = x0 + sigma_next * z`` with new noise ``z`` from ``generator``:
+    the VE form of T2V-Turbo's ``sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev) z``. The last step goes to
+    sigma = 0 and returns its estimate without drawing noise. ``eta`` does not apply (the noise is the method's)."""
+    if eta != 0.0:
+        raise CinematicError("sampler 'lcm' draws its own noise; eta applies only to 'ddim' and 'euler_ancestral'")
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        x = denoiser(x, sigmas[i])
+        sigma_next = sigmas[i + 1].item()
+        if sigma_next > 0:
+            x = x + sigma_next * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, steps)
+    return x
+
+
 # --- the named presets the pipeline picks from --------------------------------------------------------------------
 
 
@@ -171,6 +198,8 @@ class SamplerSpec:
     ``noise_is_vp``: True when the initial noise is the VP latent itself (diffusers' ``init_noise_sigma = 1``, DDIM
     and DPM-Solver), False when it is scaled by ``sigmas[0]`` into the VE latent (Euler's ``init_noise_sigma =
     sigma_max``). ``interpolation``/``quantize`` configure :class:`DiscreteDenoiser`'s timestep map.
+    ``consistency``: the network is a consistency model, read through
+    :class:`~cinematic.diffusion.denoisers.ConsistencyDenoiser`'s boundary scalings.
     """
 
     fn: Sampler
@@ -179,6 +208,7 @@ class SamplerSpec:
     interpolation: str = "log"
     quantize: bool = True
     default_eta: float = 0.0
+    consistency: bool = False
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -191,6 +221,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler_ancestral": SamplerSpec(
         sample_euler_ancestral, schedule.euler_sigmas, False, interpolation="linear", quantize=False, default_eta=1.0
     ),
+    # Consistency-distilled models (T2V-Turbo, MCM): a few steps on the 50-step DDIM grid they were distilled on.
+    "lcm": SamplerSpec(sample_lcm, schedule.lcm_sigmas, noise_is_vp=True, consistency=True),
 }
 
 
@@ -216,6 +248,7 @@ def sample(
     prediction: str = "epsilon",
     spacing: str = "default",
     steps_offset: int = 1,
+    timestep_scaling: float = 10.0,
 ) -> Tensor:
     """Denoise ``noise`` with the named sampler in ``steps`` network evaluations; return the VP latent to decode.
 
@@ -230,14 +263,19 @@ def sample(
     first ``start`` steps and begins from ``init + sigma * noise``, diffusers' ``add_noise`` in VE form. ``wrap``
     wraps the denoiser (pinned frames). ``prediction`` is the model's ``prediction_type``: ``eps_model`` returns ε
     (``"epsilon"``) or v (``"v_prediction"``). ``spacing`` and ``steps_offset`` are the model's
-    ``timestep_spacing`` and ``steps_offset`` (:mod:`cinematic.diffusion.schedule`).
+    ``timestep_spacing`` and ``steps_offset`` (:mod:`cinematic.diffusion.schedule`); ``lcm`` takes its own grid
+    whatever the spacing. ``timestep_scaling``: the consistency boundary scalings' (``lcm`` only; 10 for T2V-Turbo,
+    4 for MCM).
     """
     spec = get_sampler(name)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= schedule.NUM_TRAIN_TIMESTEPS:
-        raise CinematicError(f"steps must be an integer from 1 to {schedule.NUM_TRAIN_TIMESTEPS}, not {steps!r}")
+    top = schedule.LCM_ORIGIN_STEPS if spec.consistency else schedule.NUM_TRAIN_TIMESTEPS
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= top:
+        raise CinematicError(f"steps must be an integer from 1 to {top} for sampler {name!r}, not {steps!r}")
     alpha_bar = schedule.alpha_bar_scaled_linear() if alpha_bar is None else alpha_bar.to("cpu", torch.float64)
     sigmas = spec.sigmas(alpha_bar, steps, spacing, steps_offset)[start:]
     denoiser = DiscreteDenoiser(eps_model, alpha_bar, spec.interpolation, spec.quantize, prediction)
+    if spec.consistency:
+        denoiser = ConsistencyDenoiser(denoiser, timestep_scaling)
     denoiser = denoiser if wrap is None else wrap(denoiser)
     sigma_max, sigma_min = sigmas[0].item(), sigmas[-1].item()
     if init is not None:

@@ -129,6 +129,30 @@ def euler_timesteps(
     return linspace64(0.0, num_train - 1.0, steps).flip(0).to(torch.float32).to(torch.float64)
 
 
+# The grid that latent consistency distillation trains on (Luo et al. 2023, sec. 4.3; T2V-Turbo and MCM): the
+# 50-step DDIM grid t = 20 k - 1, k = 1 .. 50, of 1000 training steps. A consistency model is only taught these
+# timesteps, so its sampler takes its steps from them.
+LCM_ORIGIN_STEPS = 50
+
+
+def lcm_timesteps(steps: int, num_train: int = NUM_TRAIN_TIMESTEPS, origin_steps: int = LCM_ORIGIN_STEPS) -> Tensor:
+    """T2V-Turbo's few-step timesteps (``scheduler/t2v_turbo_scheduler.py``, ``set_timesteps``): the origin grid
+    ``k * (num_train // origin_steps) - 1`` (k = 1 .. origin_steps), read from its end with a stride of
+    ``origin_steps // steps``, the first ``steps`` of them. 4 steps: 999, 759, 519, 279; 8: 999, 879, ..., 159.
+
+    A step count that does not divide ``origin_steps`` keeps the stride ``origin_steps // steps`` and stops after
+    ``steps`` values, so the last timestep is not the grid's lowest (3 steps: 999, 679, 359; 7: 999, 859, ..., 159),
+    as the reference does; from 26 to 50 steps the stride is 1 (the top ``steps`` of the grid). More than
+    ``origin_steps`` steps has no grid to come from and is refused. Int64, descending."""
+    if not 1 <= steps <= origin_steps or num_train < origin_steps:
+        raise ValueError(
+            f"the lcm grid has {min(origin_steps, num_train)} timesteps; {steps} steps cannot come from it"
+        )
+    stride = num_train // origin_steps
+    origin = torch.arange(1, origin_steps + 1, dtype=torch.int64) * stride - 1
+    return origin.flip(0)[:: origin_steps // steps][:steps]
+
+
 # --- sigma <-> t --------------------------------------------------------------------------------------------------
 
 
@@ -198,6 +222,14 @@ def karras_dpm_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default", o
     table = sigma_from_alpha_bar(alpha_bar)
     sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def lcm_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default", offset: int = 1) -> Tensor:
+    """Consistency grid: sigma at :func:`lcm_timesteps`, then 0, the level of the denoised estimate the sampler
+    returns. ``spacing`` and ``offset`` do not apply: the grid is the one the model was distilled on."""
+    table = sigma_from_alpha_bar(alpha_bar)
+    t = lcm_timesteps(steps, len(alpha_bar))
+    return torch.cat([table[t], table.new_zeros(1)])
 
 
 def euler_sigmas(alpha_bar: Tensor, steps: int, spacing: str = "default", offset: int = 1) -> Tensor:

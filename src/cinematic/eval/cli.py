@@ -20,8 +20,8 @@ from cinematic.settings import add_arguments, from_arguments, settings_from
 DEFAULT_BATCH = 48  # captions per sampler run: all 48 shapes captions at once
 # The settings an evaluation may change; the clip's size and length stay the model's.
 EVAL_SETTINGS = (
-    "num_inference_steps", "guidance_scale", "sampler", "eta", "freeu", "freeinit", "cache_interval", "cache_depth",
-    "guidance_stop",
+    "num_inference_steps", "guidance_scale", "sampler", "eta", "timestep_scaling", "freeu", "freeinit",
+    "cache_interval", "cache_depth", "guidance_stop",
 )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cinematic.errors import CinematicError
+from cinematic.settings import ModelFacts
 
 STEP_VALUES = 65  # activation values of the first UNet level's width, per latent token and batch row, at the peak
 STEP_VALUES_CHUNKED = 55  # the same with the feed-forwards run in pieces
@@ -161,7 +162,7 @@ class Footprint:
         s, c = settings, self.config
         f = c.vae.downsample_factor
         tokens = (s.window if s.windowed else s.num_frames) * (s.height // f) * (s.width // f)
-        batch = count * (2 if memory.batched_guidance and s.guidance_scale != 1.0 else 1)
+        batch = count * (2 if memory.batched_guidance and s.unconditional_pass(ModelFacts.of(c)) else 1)
         chunk = memory.decode_chunk or (1 if self.device.type == "cpu" else 8)
         return estimate(
             c.unet.levels[0].channels, tokens, batch, s.height * s.width, torch.finfo(self.dtype).bits // 8,

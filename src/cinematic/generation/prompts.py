@@ -34,7 +34,7 @@ def encode_prompts(
 @dataclass(frozen=True)
 class TextFeatures:
     """What guidance needs: the conditional features ``[N, L, D]`` of each UNet window, and the unconditional ones
-    (None when guidance is off, ``guidance_scale == 1``)."""
+    (None when there is no unconditional pass: guidance off, or given to the UNet as an input)."""
 
     windows: list[torch.Tensor]
     uncond: torch.Tensor | None
@@ -46,9 +46,12 @@ def text_features(
     prompts: Sequence[str],
     num_videos: int,
     starts: Sequence[int],
+    unconditional: bool | None = None,
 ) -> TextFeatures:
     """The features of a call's ``prompts`` (each made ``num_videos`` times) for the windows starting at ``starts``.
-    With a prompt schedule, each window's features are the mean of its frames' prompt features."""
+    With a prompt schedule, each window's features are the mean of its frames' prompt features. ``unconditional``:
+    whether sampling runs the unconditional pass (:meth:`cinematic.settings.Settings.unconditional_pass`; default:
+    when ``guidance_scale`` is not 1)."""
     count = len(prompts) * num_videos
     if settings.prompt_schedule is None:
         cond = encode([p for p in prompts for _ in range(num_videos)])
@@ -61,7 +64,7 @@ def text_features(
         window = settings.window if settings.windowed else settings.num_frames
         windows = [w.expand(count, *w.shape) for w in window_features(features, index, starts, window)]
     uncond = None
-    if settings.guidance_scale != 1.0:
+    if settings.guidance_scale != 1.0 if unconditional is None else unconditional:
         # The original encodes "" for the unconditional branch (not a zero tensor), as diffusers does.
         uncond = encode([settings.negative_prompt or ""] * count)
     return TextFeatures(windows, uncond)

@@ -43,8 +43,9 @@ async function fileUrl(id, variant) {
 }
 
 function settingsText(job) {
+  const sampler = job.sampler === "lcm" ? `lcm (timestep scaling ${job.timestep_scaling})` : job.sampler;
   const parts = [`seed ${job.seed}`, job.size, `${job.num_frames} frames at ${job.fps} fps`, `${job.num_inference_steps} steps`,
-    `guidance ${job.guidance_scale}`, job.sampler];
+    `guidance ${job.guidance_scale}`, sampler];
   if (job.negative_prompt) parts.push(`not: ${job.negative_prompt}`);
   if (job.init_video) parts.push(`from a video, strength ${job.strength}`);
   if (job.init_image) parts.push("from a picture");
@@ -151,7 +152,7 @@ async function loadPage() {
 }
 
 const INTEGERS = new Set(["num_frames", "num_inference_steps", "seed", "window", "window_stride", "freeinit"]);
-const NUMBERS = new Set(["guidance_scale", "strength"]);
+const NUMBERS = new Set(["guidance_scale", "strength", "timestep_scaling"]);
 const CHECKS = new Set(["loop", "freeu"]);
 
 // A picked file as a data: URL, which the server takes in place of base64.
@@ -224,6 +225,7 @@ async function start() {
   form.num_inference_steps.placeholder = d.num_inference_steps;
   form.num_inference_steps.max = health.limits.max_steps;
   form.guidance_scale.placeholder = d.guidance_scale;
+  form.timestep_scaling.placeholder = d.timestep_scaling;
   form.prompt.maxLength = health.limits.max_prompt;
   for (const name of health.samplers) form.sampler.add(new Option(name, name, false, name === d.sampler));
   for (const name of health.loras || []) form.lora.add(new Option(name, name));
