@@ -502,3 +502,43 @@ def test_the_server_offers_lcm_and_checks_it(tmp_path):
         assert 'name="timestep_scaling"' in page and 'name="sampler"' in page
         script = client.get("/static/app.js").text
         assert '"timestep_scaling"' in script and "form.timestep_scaling.placeholder" in script
+
+
+def test_a_t2v_turbo_lora_alone_gives_a_four_step_video_with_the_scale_in_its_guidance_embedding(tmp_path):
+    """The two halves of issue 24 together, with the real UNet: a T2V-Turbo ``unet_lora.pt`` loaded onto a model of
+    the published architecture (tiny) adds the guidance embedding and brings its sampler defaults, so a call (and
+    ``generate --lora``) that names nothing samples with lcm in 4 single passes, each given the scale 7.5; unloading
+    restores DDIM 50."""
+    from cinematic import video as video_files
+    from cinematic.models.presets import PRESETS
+    from cinematic.train.setup import fresh_model
+    from cinematic.weights.native import write_native
+    from tests.test_fewstep_unet import turbo_list_for
+
+    model = fresh_model(PRESETS["tiny"], ["a red circle"], None, seed=0)
+    tokenizer = model.tokenizer.save(tmp_path / "tokenizer")
+    states = {name: (lambda n=name: getattr(model, n).state_dict()) for name in ("unet", "text_encoder", "vae")}
+    folder = write_native(tmp_path / "model", model.config, states, tokenizer, torch.float32)
+    lora = tmp_path / "unet_lora.pt"
+    torch.save(turbo_list_for(model.unet), lora)
+    pipe = Pipeline.from_pretrained(folder)
+    name = pipe.load_lora(lora)
+    given = []
+    handle = pipe.model.unet.register_forward_pre_hook(
+        lambda _, args, kwargs: given.append((args[0].shape[0], kwargs.get("guidance", args[3:4] or None))),
+        with_kwargs=True,
+    )
+    video = pipe(PROMPT, **SMALL)
+    handle.remove()
+    assert [batch for batch, _ in given] == [1, 1, 1, 1]  # 4 steps, the conditional pass only
+    assert all(torch.as_tensor(w).flatten().tolist() == [7.5] for _, w in given)
+    m = video[0].metadata
+    assert (m["sampler"], m["num_inference_steps"], m["guidance_scale"], m["timestep_scaling"]) == ("lcm", 4, 7.5, 10)
+    pipe.unload_lora(name)
+    assert pipe.model.config.unet.time_cond_proj_dim is None
+    assert (pipe.model.config.defaults.sampler, pipe.model.config.defaults.num_inference_steps) == ("ddim", 50)
+    out = tmp_path / "clip.mp4"
+    args = ["generate", PROMPT, "--model", str(folder), "--num-frames", "2", "--seed", "1", "--lora", str(lora)]
+    assert main([*args, "-o", str(out)]) in (0, None)
+    stored = video_files.read(out).metadata
+    assert (stored["sampler"], stored["num_inference_steps"]) == ("lcm", 4)
