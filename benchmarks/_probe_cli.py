@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _probe_base import CHILD_ENV, QUICK, ROOT, Case, Probe, Tmpfs, cinematic, listing
+from _probe_base import CHILD_ENV, QUICK, ROOT, Case, Probe, Tmpfs, cinematic, guarded, listing
 
 SHAPES = ROOT / "src" / "cinematic" / "assets" / "shapes"
 PAYLOADS = ("os.system", "exec", "open")
@@ -302,6 +302,6 @@ def pictures(probe: Probe) -> None:
 def run_all(probe: Probe) -> None:
     models = fixtures(probe)
     for cases in (hostile_pickles, corrupt_safetensors, escaping_index, bad_configs):
-        cases(probe, models)
+        guarded(probe, "cli", cases, models)
     for cases in (prompts_and_devices, full_disk, sigterm, pictures):
-        cases(probe)
+        guarded(probe, "cli", cases)

@@ -7,14 +7,13 @@ from __future__ import annotations
 import base64
 import re
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from _probe_base import Case, Probe, Tmpfs
+from _probe_base import Case, Probe, Tmpfs, guarded
 
 from tests.serve_helpers import ServerProcess, wait_for
 
@@ -200,6 +199,19 @@ def no_job_lost(probe: Probe, data: Path) -> None:
                    ok, measured={"jobs_lost": lost, "jobs_listed_twice": twice}))  # fmt: skip
 
 
+def _fill_mid_job(disk: Tmpfs, client: httpx.Client) -> tuple[dict, dict, int, list[str]]:
+    """A 60-step job, the disk filled while it runs and freed once the worker is idle again, then a second job."""
+    first = client.post("/v1/videos", json={**JOB, "steps": 60, "frames": 16}).json()["id"]
+    _status(client, first, ("in_progress",))
+    filler = disk.fill()
+    wait_for(lambda: client.get("/healthz").json()["workers"][0]["state"] == "idle", 300, 0.2, "the worker idle")
+    filler.unlink()
+    failed = _status(client, first, FINISHED)
+    second = _status(client, client.post("/v1/videos", json=JOB).json()["id"], FINISHED)
+    health = client.get("/healthz").status_code
+    return failed, second, health, sorted(p.name for p in (disk.folder / "data" / "videos").iterdir())
+
+
 def disk_fills_mid_job(probe: Probe) -> None:
     """The issue's case: the data folder on a small tmpfs, filled while a 60-step job runs, then freed."""
     name = "the disk fills during a 60-step job, then is freed"
@@ -207,55 +219,53 @@ def disk_fills_mid_job(probe: Probe) -> None:
     if disk is None:
         probe.add(Case("storage", name, "-", "-", False, not_run="mount needs root"))
         return
+    log = disk.folder.parent / "server.log"
     try:
-        server = _server(disk.folder / "data", disk.folder.parent / "server.log")
-        with _client(server) as client:
-            first = client.post("/v1/videos", json={**JOB, "steps": 60, "frames": 16}).json()["id"]
-            _status(client, first, ("in_progress",))
-            filler = disk.fill()
-            wait_for(lambda: client.get("/healthz").json()["workers"][0]["state"] == "idle", 300, 0.2, "idle")
-            filler.unlink()
-            failed = _status(client, first, FINISHED)
-            second = _status(client, client.post("/v1/videos", json=JOB).json()["id"], FINISHED)
-            health = client.get("/healthz").status_code
-            videos = sorted(p.name for p in (disk.folder / "data" / "videos").iterdir())
-        server.stop()
-        log = disk.folder.parent / "server.log"
-        message = (failed.get("error") or {}).get("message", "")
-        ok = failed["status"] == "failed" and second["status"] == "completed" and health == 200
-        ok = ok and videos == [f"{second['id']}.mp4"] and not re.search(r"/\w+/", message)
-        got = f"first {failed['status']} ({message[:60]}), second {second['status']}, healthz {health}, videos {videos}"
-        probe.add(Case("storage", name, "first failed without a path, second completed, healthz 200, no stray file",
-                       got, ok, traceback="Traceback" in log.read_text()))  # fmt: skip
+        server = _server(disk.folder / "data", log)
+        try:
+            with _client(server) as client:
+                failed, second, health, videos = _fill_mid_job(disk, client)
+        finally:
+            server.stop()
     finally:
         disk.unmount()
+    message = (failed.get("error") or {}).get("message", "")
+    ok = failed["status"] == "failed" and second["status"] == "completed" and health == 200
+    ok = ok and videos == [f"{second['id']}.mp4"] and not re.search(r"/\w+/", message)
+    got = f"first {failed['status']} ({message[:60]}), second {second['status']}, healthz {health}, videos {videos}"
+    probe.add(Case("storage", name, "first failed without a path, second completed, healthz 200, no stray file",
+                   got, ok, traceback="Traceback" in log.read_text()))  # fmt: skip
 
 
-def run_all(probe: Probe) -> list[Path]:
-    """Every server case; the server logs, for the traceback count."""
+def _one_server(probe: Probe, base: Path) -> None:
+    """Every case that one server answers in turn."""
     from cinematic import video
 
-    base = probe.fresh("serve")
     short = video.write(base / "short.mp4", np.zeros((3, 32, 32, 3), np.uint8)).read_bytes()
     server = _server(base / "data", base / "server.log")
     try:
         with _client(server) as client:
             done = _status(client, client.post("/v1/videos", json=JOB).json()["id"], FINISHED)
             probe.add(Case("jobs", "a first job", "completed", done["status"], done["status"] == "completed"))
-            bombs(probe, server, client)
-            bodies_and_keys(probe, server, client)
-            fields(probe, client, short)
-            ids_and_ranges(probe, client, done["id"])
+            guarded(probe, "upload", bombs, server, client)
+            guarded(probe, "body", bodies_and_keys, server, client)
+            guarded(probe, "field", fields, client, short)
+            guarded(probe, "id", ids_and_ranges, client, done["id"])
             folder = base / "data" / "uploads"
             uploads = [p.name for p in folder.iterdir() if p.name.startswith("upload_")] if folder.exists() else []
             probe.add(Case("upload", "uploads kept for refused requests", "none", f"{uploads}", not uploads,
                            left_behind=uploads))  # fmt: skip
     finally:
         server.stop()
-    jobs = probe.fresh("serve-kill")
-    no_job_lost(probe, jobs / "data")
-    disk_fills_mid_job(probe)
-    return [base / "server.log", jobs / "server.log"]
+
+
+def run_all(probe: Probe) -> list[Path]:
+    """Every server case; the server logs, for the traceback count."""
+    base, jobs = probe.fresh("serve"), probe.fresh("serve-kill")
+    guarded(probe, "server", _one_server, base)
+    guarded(probe, "jobs", no_job_lost, jobs / "data")
+    guarded(probe, "storage", disk_fills_mid_job)
+    return [base / "server.log", jobs / "server.log"]  # the tmpfs case judges its own log
 
 
 def log_tracebacks(logs: list[Path]) -> int:
