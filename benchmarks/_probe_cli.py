@@ -118,8 +118,11 @@ def corrupt_safetensors(probe: Probe, models: dict[str, Path]) -> None:
         "header not JSON": ("vae", _safetensors(b"{'a': 1}"), "not valid JSON"),
         "header past the end": ("vae", _safetensors(b"{}", declared=1000), "runs past the end"),
         "unknown dtype": ("vae", _safetensors({"a": _entry("F7", [2], 0, 8)}, bytes(8)), "dtype 'F7'"),
-        "overlapping tensors": ("vae", _safetensors({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [1], 4, 8)},
-                                                    bytes(8)), "overlaps"),  # fmt: skip
+        "overlapping tensors": (
+            "vae",
+            _safetensors({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [1], 4, 8)}, bytes(8)),
+            "overlaps",
+        ),  # fmt: skip
         "truncated by one byte": ("vae", vae[:-1], "need"),
         "four trailing bytes": ("vae", vae + bytes(4), "4 bytes follow the last tensor"),
     }
@@ -134,8 +137,9 @@ def corrupt_safetensors(probe: Probe, models: dict[str, Path]) -> None:
         path = model / "text_encoder.safetensors"
         path.write_bytes(struct.pack("<Q", 10**10))
         os.truncate(path, 10**10 + 8)
-        probe.refusal("corrupt safetensors", f"sparse 10 GB header, {command}", _commands(model, out)[command],
-                      ["text_encoder.safetensors", "over the safetensors limit"], outdir=out, limit_mb=1000)  # fmt: skip
+        words = ["text_encoder.safetensors", "over the safetensors limit"]
+        argv = _commands(model, out)[command]
+        probe.refusal("corrupt safetensors", f"sparse 10 GB header, {command}", argv, words, outdir=out, limit_mb=1000)
 
 
 def _shard(folder: Path) -> dict[str, str]:
@@ -278,8 +282,9 @@ def sigterm(probe: Probe) -> None:
 
 
 def pictures(probe: Probe) -> None:
-    from cinematic import video
     from tests.factories import bomb_gif, bomb_png
+
+    from cinematic import video
 
     case = probe.fresh("pictures")
     out = case / "out"

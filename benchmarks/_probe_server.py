@@ -9,12 +9,10 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 from _probe_base import Case, Probe, Tmpfs, guarded
-
 from tests.serve_helpers import ServerProcess, wait_for
 
 KEY = "probe-k3y"
@@ -76,14 +74,14 @@ def bombs(probe: Probe, server: ServerProcess, client: httpx.Client) -> None:
                    f"{growth:.1f} MB", growth < 100, measured={"rss_growth_mb": round(growth, 1)}))  # fmt: skip
 
 
-def _raw(url: str, head: str, chunks: Iterator[bytes] = iter(())) -> tuple[int, int]:
+def _raw(url: str, head: str, chunks: Iterator[bytes] | None = None) -> tuple[int, int]:
     """Send ``head``, then body chunks until the server answers; (status, body bytes sent)."""
     host, port = url.removeprefix("http://").split(":")
     sent, reply = 0, b""
     with socket.create_connection((host, int(port)), timeout=60) as conn:
         conn.sendall(head.encode())
         conn.settimeout(0.2)
-        for chunk in chunks:
+        for chunk in chunks or ():
             try:
                 reply += conn.recv(65536)
             except TimeoutError:
@@ -156,7 +154,9 @@ def fields(probe: Probe, client: httpx.Client, short_clip: bytes) -> None:
         _error_case(probe, "field", name, response, 422, params)
     response = client.post("/v1/videos", json={})
     _error_case(probe, "field", "no prompt", response, 422, {"prompt"})
-    response = client.post("/v1/videos", content=b'{"prompt": "a \\ud800 b"}', headers={"Content-Type": "application/json"})
+    response = client.post(
+        "/v1/videos", content=b'{"prompt": "a \\ud800 b"}', headers={"Content-Type": "application/json"}
+    )
     _error_case(probe, "field", "a lone surrogate in the prompt", response, 422, {"prompt"})
     response = client.get("/v1/videos", params={"limit": 0})
     _error_case(probe, "field", "list limit 0", response, 422, {"limit"})

@@ -94,6 +94,12 @@ def _torchvision_stand_in():
 
 def _reference_modules() -> tuple[types.ModuleType, type]:
     """open_clip and ModelScope's embedder class; an ImportError here fails the test (scripts/setup installs both)."""
+    # transformers asks importlib.util.find_spec whether torchvision is installed, which a stand-in in sys.modules
+    # (it has no spec) makes raise; it caches the answer, so it and what open_clip takes from it come first.
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, modeling_outputs  # noqa: F401
+
+    transformers.utils.is_torchvision_available()  # answered, and cached, before any stand-in exists
     with _torchvision_stand_in():
         import open_clip
         from modelscope.models.multi_modal.video_synthesis.text_to_video_synthesis_model import (
