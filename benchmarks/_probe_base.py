@@ -104,7 +104,7 @@ class Probe:
         before = listing(outdir)
         ran = run(argv, **how)
         lines = [line for line in ran.err.strip().splitlines() if not line.startswith("sampling ")]
-        last = lines[-1] if lines else ""
+        last = (lines[-1] if lines else "").replace(str(self.work), "<work>")
         prefix = "error: " if code == 2 else ""
         traceback = "Traceback" in ran.err or "Traceback" in ran.out
         executed = marker is not None and Path(marker).exists()
