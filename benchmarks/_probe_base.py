@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,19 +81,24 @@ class Case:
 class Probe:
     """The cases so far, and fresh folders under ``work`` for each."""
 
-    def __init__(self, work: Path, quick: bool = False):
+    def __init__(self, work: Path, quick: bool = False, jobs: int = 1):
         self.work, self.quick = work, quick
         self.cases: list[Case] = []
         self._folders = 0
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(jobs)  # independent child processes, run side by side
+        self._pending: list[Future] = []
 
     def fresh(self, name: str) -> Path:
-        self._folders += 1
-        folder = self.work / f"{self._folders:03d}-{name}"
+        with self._lock:
+            self._folders += 1
+            folder = self.work / f"{self._folders:03d}-{name}"
         folder.mkdir(parents=True)
         return folder
 
     def add(self, case: Case) -> Case:
-        self.cases.append(case)
+        with self._lock:
+            self.cases.append(case)
         mark = "-- " if case.not_run else "ok " if case.ok else "BAD"
         print(f"[{mark}] {case.group}: {case.name}: {case.got}", file=sys.stderr, flush=True)
         return case
@@ -167,3 +173,14 @@ def guarded(probe: Probe, group: str, cases: Callable[..., Any], *args: Any) -> 
         got = " ".join(f"raised {type(error).__name__}: {error}".split())[:300]
         probe.add(Case(group, cases.__name__, "runs to the end", got, False))
         return None
+
+
+def later(probe: Probe, *args: Any, **how: Any) -> None:
+    """``probe.refusal(*args, **how)`` in the probe's pool; ``settle`` waits for all of them."""
+    probe._pending.append(probe.pool.submit(probe.refusal, *args, **how))
+
+
+def settle(probe: Probe) -> None:
+    for future in probe._pending:
+        future.result()
+    probe._pending.clear()

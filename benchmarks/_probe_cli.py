@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _probe_base import CHILD_ENV, QUICK, ROOT, Case, Probe, Tmpfs, cinematic, guarded, listing
+from _probe_base import CHILD_ENV, QUICK, ROOT, Case, Probe, Tmpfs, cinematic, guarded, later, listing, settle
 
 SHAPES = ROOT / "src" / "cinematic" / "assets" / "shapes"
 PAYLOADS = ("os.system", "exec", "open")
@@ -92,14 +92,14 @@ def hostile_pickles(probe: Probe, models: dict[str, Path]) -> None:
             torch.save(payload, model / name, _use_new_zipfile_serialization=not legacy)
             label = f"{layout} {name}, {'legacy' if legacy else 'zip'} pickle calling {kind}, {command}"
             words = ["refusing to load", Path(name).name]
-            probe.refusal("hostile pickle", label, _commands(model, out)[command], words, outdir=out, marker=marker)
+            later(probe, "hostile pickle", label, _commands(model, out)[command], words, outdir=out, marker=marker)
     for legacy, kind in ((legacy, k) for legacy in (False, True) for k in kinds):
         case = probe.fresh("lora")
         adapter, marker = case / "adapter.bin", case / "pwned"
         torch.save({"payload": Payload(kind, marker)}, adapter, _use_new_zipfile_serialization=not legacy)
         argv = _generate("shapes", case / "clip.mp4", "--lora", str(adapter))
         label = f"LoRA adapter .bin, {'legacy' if legacy else 'zip'} pickle calling {kind}, generate"
-        probe.refusal("hostile pickle", label, argv, ["adapter.bin"], outdir=case, marker=marker)  # read as safetensors
+        later(probe, "hostile pickle", label, argv, ["adapter.bin"], outdir=case, marker=marker)  # read as safetensors
 
 
 def _safetensors(header: dict | bytes, data: bytes = b"", declared: int | None = None) -> bytes:
@@ -130,7 +130,7 @@ def corrupt_safetensors(probe: Probe, models: dict[str, Path]) -> None:
         model, out = _copy(models["shapes"], probe, "corrupt")
         (model / f"{component}.safetensors").write_bytes(data)
         argv = _commands(model, out)[command]
-        probe.refusal("corrupt safetensors", f"{label}, {command}", argv, [f"{component}.safetensors", words],
+        later(probe, "corrupt safetensors", f"{label}, {command}", argv, [f"{component}.safetensors", words],
                       outdir=out, limit_s=60)  # fmt: skip
     for command in ("info", "generate"):  # a sparse 10 GB file declaring a 10 GB header: refused from 8 bytes
         model, out = _copy(models["shapes"], probe, "sparse")
@@ -139,7 +139,7 @@ def corrupt_safetensors(probe: Probe, models: dict[str, Path]) -> None:
         os.truncate(path, 10**10 + 8)
         words = ["text_encoder.safetensors", "over the safetensors limit"]
         argv = _commands(model, out)[command]
-        probe.refusal("corrupt safetensors", f"sparse 10 GB header, {command}", argv, words, outdir=out, limit_mb=1000)
+        later(probe, "corrupt safetensors", f"sparse 10 GB header, {command}", argv, words, outdir=out, limit_mb=1000)
 
 
 def _shard(folder: Path) -> dict[str, str]:
@@ -169,7 +169,7 @@ def escaping_index(probe: Probe, models: dict[str, Path]) -> None:
         weight_map[sorted(weight_map)[-1]] = name[escape]
         index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
         (model / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-        probe.refusal("sharded index", f"a shard {escape} outside the folder, {command}",
+        later(probe, "sharded index", f"a shard {escape} outside the folder, {command}",
                       _commands(model, out)[command], ["index.json: the shard of"], outdir=out)  # fmt: skip
 
 
@@ -195,7 +195,7 @@ def bad_configs(probe: Probe, models: dict[str, Path]) -> None:
         model, out = _copy(models[layout], probe, "config")
         _edit(model / file, keys, value)
         field = label.split(" = ")[0].removeprefix("diffusers ").replace("[0]", "[]")
-        probe.refusal("bad config", f"{label}, {command}", _commands(model, out)[command], [file, field], outdir=out,
+        later(probe, "bad config", f"{label}, {command}", _commands(model, out)[command], [file, field], outdir=out,
                       limit_s=60, limit_mb=1500)  # fmt: skip
 
 
@@ -308,5 +308,6 @@ def run_all(probe: Probe) -> None:
     models = fixtures(probe)
     for cases in (hostile_pickles, corrupt_safetensors, escaping_index, bad_configs):
         guarded(probe, "cli", cases, models)
+    settle(probe)
     for cases in (prompts_and_devices, full_disk, sigterm, pictures):
         guarded(probe, "cli", cases)

@@ -118,7 +118,7 @@ def bodies_and_keys(probe: Probe, server: ServerProcess, client: httpx.Client) -
         "without a key": None,
         "with a wrong key": "Bearer nope",
         "with Basic auth": "Basic " + base64.b64encode(b"a:b").decode(),
-        "with an empty bearer": "Bearer ",
+        "with an empty bearer": "Bearer",
         "with a non-ASCII key": "Bearer k\xe9y".encode("latin-1"),
     }
     for name, authorization in keys.items():
@@ -146,7 +146,7 @@ def fields(probe: Probe, client: httpx.Client, short_clip: bytes) -> None:
         "an unknown field": ({"bogus": 1}, {"bogus"}),
         "init_image not base64": ({"init_image": "!!not base64!!"}, {"init_image"}),
         "init_video of 3 frames, num_frames 8": ({"init_video": clip, "num_frames": 8}, {"num_frames"}),
-        "a LoRA name with ..": ({"loras": [{"name": "../x"}]}, {"loras", "loras[0].name", "name"}),
+        "a LoRA name with ..": ({"loras": [{"name": "../x"}]}, {"loras", "loras.0.name", "loras[0].name"}),
         "prompt a number": ({"prompt": 5}, {"prompt"}),
     }
     for name, (body, params) in cases.items():
@@ -172,8 +172,10 @@ def ids_and_ranges(probe: Probe, client: httpx.Client, done: str) -> None:
     for spec in ("bytes=99999999-", "bytes=5-2", "bytes=-0", "bytes=" + ",".join(f"{i}-{i}" for i in range(500)),
                  "items=0-1", "bytes=0-1"):  # fmt: skip
         response = client.get(f"/v1/videos/{done}/content", headers={"Range": spec})
-        ok = response.status_code in (200, 206, 416) and (spec != "bytes=0-1" or len(response.content) == 2)
-        probe.add(Case("range", f"Range: {spec[:40]}", "200, 206 or 416", f"{response.status_code}", ok))
+        wanted = response.status_code == 206 and len(response.content) == 2 if spec == "bytes=0-1" else True
+        ok = wanted and (response.status_code in (200, 206) or 400 <= response.status_code < 500)
+        expected = "206, 2 bytes" if spec == "bytes=0-1" else "200, 206 or a 4xx"
+        probe.add(Case("range", f"Range: {spec[:40]}", expected, f"{response.status_code}", ok))
 
 
 def no_job_lost(probe: Probe, data: Path) -> None:
@@ -183,7 +185,7 @@ def no_job_lost(probe: Probe, data: Path) -> None:
         ids = [client.post("/v1/videos", json={**JOB, "steps": 6}).json()["id"] for _ in range(6)]
         _status(client, ids[1], ("in_progress", "completed"))
     server.kill()
-    server = _server(data, data.parent / "server.log")
+    server = _server(data, data.parent / "server-restart.log")  # a log of its own: the helper reads the URL off it
     try:
         with _client(server) as client:
             jobs = [_status(client, i, FINISHED) for i in ids]
@@ -265,7 +267,7 @@ def run_all(probe: Probe) -> list[Path]:
     guarded(probe, "server", _one_server, base)
     guarded(probe, "jobs", no_job_lost, jobs / "data")
     guarded(probe, "storage", disk_fills_mid_job)
-    return [base / "server.log", jobs / "server.log"]  # the tmpfs case judges its own log
+    return [base / "server.log", jobs / "server.log", jobs / "server-restart.log"]  # the tmpfs case judges its own log
 
 
 def log_tracebacks(logs: list[Path]) -> int:

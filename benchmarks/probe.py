@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import machine, markdown_table
@@ -70,20 +71,23 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one hostile payload per pickle instead of three")
     parser.add_argument("--only", choices=["cli", "server"], help="run one half")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
+    parser.add_argument("--jobs", type=int, default=3, help="CLI cases run side by side (default 3)")
     args = parser.parse_args()
 
     import _probe_cli
     import _probe_server
 
     work = Path(tempfile.mkdtemp(prefix="cinematic-probe-"))
-    probe = Probe(work, quick=args.quick)
+    probe = Probe(work, quick=args.quick, jobs=args.jobs)
     start = time.monotonic()
     logs: list[Path] = []
     try:
+        # The two halves side by side: the server's cases mostly wait on its one worker.
+        halves = ThreadPoolExecutor(1)
+        server = halves.submit(_probe_server.run_all, probe) if args.only in (None, "server") else None
         if args.only in (None, "cli"):
             _probe_cli.run_all(probe)
-        if args.only in (None, "server"):
-            logs = _probe_server.run_all(probe)
+        logs = server.result() if server else []
         tracebacks = _probe_server.log_tracebacks(logs)
     finally:
         if args.keep:
