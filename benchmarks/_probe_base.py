@@ -43,22 +43,42 @@ class Ran:
     peak_mb: float
 
 
+# ``python -m cinematic`` that writes its own peak RSS (VmHWM, kB) to $PROBE_PEAK_FILE as it exits. wait4's
+# ru_maxrss cannot be used: Linux keeps it across exec, so a child forked from this process (torch and diffusers
+# loaded) would start from this process's RSS. VmHWM belongs to the memory map that exec makes anew.
+PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["PROBE_PEAK_FILE"], "w") as out:
+        out.write(kb)
+atexit.register(peak)
+sys.argv[0] = "cinematic"
+runpy.run_module("cinematic", run_name="__main__", alter_sys=True)
+"""
+
+
 def run(argv: Sequence[str | bytes], timeout: float = 600, preexec: Callable[[], None] | None = None) -> Ran:
-    """Run ``argv`` to its end (killed after ``timeout`` s); its own peak RSS comes from ``wait4``."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run ``argv`` to its end (killed after ``timeout`` s); a ``cinematic`` command reports its own peak RSS."""
+    argv = list(argv)
+    if argv[:3] == [sys.executable, "-m", "cinematic"]:
+        argv[1:3] = ["-c", PEAK_WRAPPER]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as peak:
         start = time.monotonic()
-        process = subprocess.Popen(argv, stdout=out, stderr=err, env=CHILD_ENV, cwd=ROOT, preexec_fn=preexec)
+        env = {**CHILD_ENV, "PROBE_PEAK_FILE": peak.name}
+        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT, preexec_fn=preexec)
         timer = threading.Timer(timeout, process.kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(process.pid, 0)
+            process.wait()
         finally:
             timer.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.monotonic() - start
         out.seek(0), err.seek(0)
         text = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    return Ran(process.returncode, *text, seconds, usage.ru_maxrss / 1024)
+        kb = Path(peak.name).read_text().strip()
+    return Ran(process.returncode, *text, seconds, int(kb) / 1024 if kb else float("nan"))
 
 
 @dataclass
