@@ -1,7 +1,7 @@
 """Issue 23's probe, re-run end to end: what a careless or hostile user can do to ``cinematic`` and ``cinematic
 serve``, each case judged by what it must give.
 
-    python benchmarks/probe.py --json benchmarks/results/results-probe-DATE.json     # about 15 min on 2 cores
+    python benchmarks/probe.py --json /tmp/probe.json     # 7 to 15 min on 2 shared cores
     python benchmarks/probe.py --quick                                             # one payload per pickle
 
 The CLI cases run the real command in child processes: hostile pickles (a shell command, ``exec`` and ``open``,
