@@ -252,8 +252,9 @@ def lightning_checkpoint(vae_state: dict) -> dict:
     }
 
 
-def save_lightning_checkpoint(checkpoint: dict, path: Path) -> None:
-    """torch.save the checkpoint so that its pickle names ``pytorch_lightning...ModelCheckpoint`` like the real one."""
+def save_lightning_checkpoint(checkpoint: dict, path: Path, legacy: bool = False) -> None:
+    """torch.save the checkpoint so that its pickle names ``pytorch_lightning...ModelCheckpoint`` like the real one
+    (``legacy``: in the pre-1.6 format, not a zip file)."""
     import sys
     import types
 
@@ -265,7 +266,7 @@ def save_lightning_checkpoint(checkpoint: dict, path: Path) -> None:
     saved = ModelCheckpoint.__module__
     ModelCheckpoint.__module__ = name
     try:
-        torch.save(checkpoint, path)
+        torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
     finally:
         ModelCheckpoint.__module__ = saved
         for package in packages:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,32 @@ def test_malicious_pickle_is_refused(modelscope_dir, tmp_path, name):
     with pytest.raises(CinematicError, match="refusing to load"):
         load(folder)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("hostile", [False, True], ids=["plain", "hostile"])
+def test_legacy_format_lightning_checkpoint(modelscope_dir, tmp_path, hostile):
+    """A pre-1.6 (non-zip) VQGAN_autoencoder.pth cannot be memory-mapped: it is read whole through the same
+    restricted unpickler, so it loads, and a hostile one is refused as in the zip format. Found by
+    benchmarks/probe.py, where the legacy files were refused only because mmap failed on them."""
+    import shutil
+
+    from tests.factories import lightning_checkpoint, modelscope_vae, save_lightning_checkpoint
+
+    folder = Path(shutil.copytree(modelscope_dir, tmp_path / "model"))
+    path, marker = folder / "VQGAN_autoencoder.pth", tmp_path / "pwned.txt"
+    if hostile:
+        checkpoint = {"state_dict": {"x": torch.zeros(1)}, "payload": _CreatesFile(str(marker))}
+        torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+        with pytest.raises(CinematicError, match="refusing to load .*VQGAN_autoencoder.pth"):
+            load(folder)
+        assert not marker.exists()
+        return
+    torch.manual_seed(0)
+    save_lightning_checkpoint(lightning_checkpoint(modelscope_vae().state_dict()), path, legacy=True)
+    assert not zipfile.is_zipfile(path)
+    expected = load(modelscope_dir).vae.state_dict()
+    for key, value in load(folder).vae.state_dict().items():
+        assert value.shape == expected[key].shape, key
 
 
 def _native_copy(diffusers_dir: Path, tmp_path: Path) -> Path:

@@ -85,14 +85,31 @@ def test_frame_folders_and_webp_are_held_to_the_budget(tmp_path):
         video.read(clip, budget=Budget(max_frames=5))
 
 
-def _peak_rss_mb(command: list[str]) -> tuple[int, str, float]:
-    """Run ``command``; its exit code, stderr and peak resident memory in MB (its own, from wait4)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=_env())
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = process.stderr.read().decode()
-    process.stdout.close(), process.stderr.close()
-    return process.returncode, stderr, usage.ru_maxrss / 1024
+# ``python -m cinematic`` that writes its own peak RSS (VmHWM, kB) to $PEAK_FILE as it exits. The ru_maxrss of
+# wait4 would not do: Linux keeps it across exec, so a child forked from this test process (torch loaded) would
+# start from the test process's RSS and hide any growth below it. VmHWM belongs to the map exec makes anew.
+PEAK_CLI = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["PEAK_FILE"], "w") as out:
+        out.write(kb)
+atexit.register(peak)
+sys.argv[0] = "cinematic"
+runpy.run_module("cinematic", run_name="__main__", alter_sys=True)
+"""
+
+
+def _peak_rss_mb(args: list[str], peak_file: Path) -> tuple[int, str, float]:
+    """Run ``cinematic ARGS``; its exit code, stderr and its own peak resident memory in MB."""
+    peak_file.unlink(missing_ok=True)
+    command = [sys.executable, "-c", PEAK_CLI, *args]
+    env = {**_env(), "PEAK_FILE": str(peak_file)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    peak_kb = int(peak_file.read_text())
+    peak_file.unlink()
+    return done.returncode, done.stderr, peak_kb / 1024
 
 
 def _env() -> dict[str, str]:
@@ -100,12 +117,12 @@ def _env() -> dict[str, str]:
 
 
 def test_cli_init_image_bomb_is_one_line_quick_and_small(bombs, tmp_path):
-    cli = [sys.executable, "-m", "cinematic", "generate", "a cat", "-o", str(tmp_path / "out.mp4"), "--device", "cpu"]
-    code, err, baseline = _peak_rss_mb([*cli, "--init-image", str(tmp_path / "missing.png")])
+    cli, peak_file = ["generate", "a cat", "-o", str(tmp_path / "out.mp4"), "--device", "cpu"], tmp_path / "peak"
+    code, err, baseline = _peak_rss_mb([*cli, "--init-image", str(tmp_path / "missing.png")], peak_file)
     assert code == 2 and "no such init image" in err
     for flag, name in [("--init-image", "bomb.gif"), ("--init-image", "bomb.png"), ("--init-video", "bomb.gif")]:
         start = time.monotonic()
-        code, err, peak = _peak_rss_mb([*cli, flag, str(bombs[name])])
+        code, err, peak = _peak_rss_mb([*cli, flag, str(bombs[name])], peak_file)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert "over the limit of 4096x4096 pixels" in err
         assert peak - baseline < 100, (name, peak, baseline)  # decoding the canvas would take 1.8 GB

@@ -10,6 +10,7 @@ pytorch_lightning nor numpy needs to be importable.
 from __future__ import annotations
 
 import pickle
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,15 @@ def load_checkpoint(path: Path) -> Any:
     """Load a Lightning-style ``.ckpt``/``.pth`` file without executing any pickled code."""
     try:
         # weights_only=False only because a custom pickle_module replaces torch's own restricted unpickler;
-        # RestrictedUnpickler is at least as strict (see its find_class).
-        return torch.load(path, map_location="cpu", pickle_module=_PickleModule, weights_only=False, mmap=True)
+        # RestrictedUnpickler is at least as strict (see its find_class). Files in the pre-1.6 legacy format cannot
+        # be memory-mapped: they are read whole, through the same unpickler.
+        load = partial(torch.load, path, map_location="cpu", pickle_module=_PickleModule, weights_only=False)
+        try:
+            return load(mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return load()
     except pickle.UnpicklingError as e:
         raise CinematicError(f"refusing to load {path}: {e}; only tensors and plain containers are admitted") from None
     except (RuntimeError, EOFError, OSError) as e:
