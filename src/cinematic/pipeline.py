@@ -24,7 +24,7 @@ from cinematic.diffusion.windows import window_starts
 from cinematic.errors import CinematicError
 from cinematic.generation.denoiser import UNetCall, video_eps
 from cinematic.generation.frames import decode_frames
-from cinematic.generation.loading import default_dtypes, load_model, load_text_encoder
+from cinematic.generation.loading import load_model, load_text_encoder, resolve_dtypes
 from cinematic.generation.memory import Footprint, Memory
 from cinematic.generation.memory import fit as fit_memory
 from cinematic.generation.memory import resolve as resolve_memory
@@ -117,12 +117,8 @@ class Pipeline:
         ``winograd``: see :func:`cinematic.generation.loading.load_model`; ``loras``: ``[(path, scale)]`` (see
         :meth:`load_lora`); ``compile`` and ``cuda_graphs``: see :meth:`accelerate`."""
         device = torch.device(device)
-        if dtype is None:
-            dtype, default_compute = default_dtypes(model, device, variant)
-            compute_dtype = compute_dtype or default_compute
-            if int8 or (loras and merge_loras):  # both change the weights themselves: stored as computed
-                dtype = compute_dtype
-        compute_dtype = compute_dtype or dtype
+        changes_weights = int8 or bool(loras and merge_loras)  # stored as computed
+        dtype, compute_dtype = resolve_dtypes(model, device, dtype, compute_dtype, variant, changes_weights)
         loaded = load_model(model, device, dtype, compute_dtype, tokenizer, variant, int8, winograd)
         pipe = cls(loaded, device, compute_dtype)
         pipe.reload_text_encoder = lambda: load_text_encoder(model, device, dtype, compute_dtype, variant)

@@ -38,6 +38,25 @@ def default_dtypes(model: str | Path, device: torch.device, variant: str | None 
     return HALF.get(stored_dtype(path), torch.float32), torch.float32
 
 
+def resolve_dtypes(
+    model: str | Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    compute_dtype: torch.dtype | None,
+    variant: str | None,
+    changes_weights: bool,
+) -> tuple[torch.dtype, torch.dtype]:
+    """``(stored, computed)`` from what the caller named: without ``dtype``, :func:`default_dtypes`, except that a
+    load that changes the weights themselves (``changes_weights``: int8, merged LoRAs) stores them as computed;
+    ``compute_dtype`` defaults to the stored dtype."""
+    if dtype is None:
+        dtype, default_compute = default_dtypes(model, device, variant)
+        compute_dtype = compute_dtype or default_compute
+        if changes_weights:
+            dtype = compute_dtype
+    return dtype, compute_dtype or dtype
+
+
 def load_model(
     model: str | Path,
     device: torch.device,
