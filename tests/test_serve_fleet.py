@@ -27,11 +27,10 @@ from cinematic.pipeline import Pipeline  # noqa: E402
 from cinematic.serve.files import Files  # noqa: E402
 from cinematic.serve.metrics import Histogram  # noqa: E402
 from cinematic.serve.pg_store import PostgresStore  # noqa: E402
-from cinematic.serve.store import Params  # noqa: E402
 from cinematic.serve.worker import Worker  # noqa: E402
-from cinematic.settings import ModelFacts, Settings  # noqa: E402
 from tests.serve_helpers import ROOT, ServerProcess, wait_for, wait_status  # noqa: E402
 from tests.test_serve_faults import Hooked  # noqa: E402
+from tests.test_serve_persistence import params  # noqa: E402
 
 QUICK = {"steps": 3, "frames": 4}  # a fraction of a second on one thread
 LONG_STEPS = 60  # seconds: the job a worker is killed in the middle of
@@ -174,12 +173,6 @@ def test_servers_starting_at_once_on_an_empty_database_all_come_up(tmp_path, pg_
     assert all(store.counts()["queued"] == 0 for store in stores)
     for store in stores:
         store.close()
-
-
-def params(seed: int = 1) -> Params:
-    settings = Settings(prompt="a cat", num_frames=2, height=32, width=32, num_inference_steps=2, seed=seed)
-    shapes = ModelFacts(num_frames=16, height=32, width=32, fps=8, max_steps=1000, levels=2)
-    return Params(settings.resolve(shapes), "shapes")
 
 
 def test_a_lease_that_runs_out_is_taken_over_and_completed_once(pg_url):
