@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if k != "child"}
+    """The arguments as JSON; paths by their names only: a results file is read on other machines."""
+    return {k: v.name if isinstance(v, Path) else v for k, v in values.items() if k != "child"}
 
 
 if __name__ == "__main__":

@@ -119,12 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(CHILD_ENV) | ({} if kept else {"CINEMATIC_MALLOC": "system"})
         print(f"  {label} ...", end=" ", flush=True)
         result = run_child([__file__, "--child", json.dumps(spec)], env=env)
-        result |= {"case": label, "output": str(output)}
+        result |= {"case": label, "output": output.name}  # in --workdir; a results file names no machine's paths
         print(" / ".join(f"{s:.2f}" for s in result["times"]) + " s", flush=True)
         results.append(result)
-    reference = torch.load(results[-1]["output"], weights_only=True)
+    reference = torch.load(args.workdir / results[-1]["output"], weights_only=True)
     for r in results:
-        out = torch.load(r["output"], weights_only=True)
+        out = torch.load(args.workdir / r["output"], weights_only=True)
         r["relative_error_vs_diffusers"] = float((out - reference).norm() / reference.norm())
         timed = r["times"][1:] or r["times"]
         r["step_s"] = sum(timed) / len(timed)
