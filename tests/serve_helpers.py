@@ -75,7 +75,30 @@ def wait_status(client: httpx.Client, video_id: str, statuses: tuple[str, ...], 
     return wait_for(check, timeout, what=f"{video_id} to be {'/'.join(statuses)}")
 
 
-class ServerProcess:
+class LoggedProcess:
+    """A ``cinematic`` child process (``process``) whose output goes to an open log file (``_log_file``)."""
+
+    process: subprocess.Popen
+    _log_file: Any
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown code runs, as in a power cut of the process."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self._log_file.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+        self._log_file.close()
+
+
+class ServerProcess(LoggedProcess):
     """``cinematic serve --port 0`` in a child process; its log (stdout and stderr) goes to ``log``."""
 
     def __init__(self, data: Path, log: Path, *args: str, threads: int | None = 1, env: dict[str, str] | None = None):
@@ -107,22 +130,6 @@ class ServerProcess:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
-
-    def kill(self) -> None:
-        """``kill -9``: no shutdown code runs, as in a power cut of the process."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self._log_file.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
-        self._log_file.close()
 
 
 @contextlib.contextmanager

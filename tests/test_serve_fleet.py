@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from cinematic.serve.files import Files  # noqa: E402
 from cinematic.serve.metrics import Histogram  # noqa: E402
 from cinematic.serve.pg_store import PostgresStore  # noqa: E402
 from cinematic.serve.worker import Worker  # noqa: E402
-from tests.serve_helpers import ROOT, ServerProcess, wait_for, wait_status  # noqa: E402
+from tests.serve_helpers import ROOT, LoggedProcess, ServerProcess, wait_for, wait_status  # noqa: E402
 from tests.test_serve_faults import Hooked  # noqa: E402
 from tests.test_serve_persistence import params  # noqa: E402
 
@@ -37,7 +36,7 @@ LONG_STEPS = 60  # seconds: the job a worker is killed in the middle of
 LEASE = "2"
 
 
-class WorkerProcess:
+class WorkerProcess(LoggedProcess):
     """``cinematic serve --role worker`` in a child process, on one thread; its log goes to ``log``."""
 
     def __init__(self, data: Path, store: str, log: Path):
@@ -54,20 +53,6 @@ class WorkerProcess:
             return "cinematic serve: worker node" in self.log.read_text()
 
         wait_for(ready, timeout=120, every=0.1, what=f"the worker to start (log: {self.log})")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
-        self._log_file.close()
 
 
 def reference_frames(pipe: Pipeline, prompt: str, seed: int, steps: int, frames: int, folder: Path):
