@@ -173,16 +173,9 @@ def escaping_index(probe: Probe, models: dict[str, Path]) -> None:
                       _commands(model, out)[command], ["index.json: the shard of"], outdir=out)  # fmt: skip
 
 
-def _edit(path: Path, keys: tuple[Any, ...], value: Any) -> None:
-    data = json.loads(path.read_text())
-    target = data
-    for key in keys[:-1]:
-        target = target[key]
-    target[keys[-1]] = value
-    path.write_text(json.dumps(data))
-
-
 def bad_configs(probe: Probe, models: dict[str, Path]) -> None:
+    from tests.test_checked_files import edit_json
+
     edits = {
         "text_encoder.layers = 10**9": ("shapes", "model.json", ("text_encoder", "layers"), 10**9),
         "schedule.num_train_timesteps = 10**10": ("shapes", "model.json", ("schedule", "num_train_timesteps"), 10**10),
@@ -193,7 +186,7 @@ def bad_configs(probe: Probe, models: dict[str, Path]) -> None:
     }
     for (label, (layout, file, keys, value)), command in ((e, c) for e in edits.items() for c in ("info", "generate")):
         model, out = _copy(models[layout], probe, "config")
-        _edit(model / file, keys, value)
+        edit_json(model / file, *keys, value)
         field = label.split(" = ")[0].removeprefix("diffusers ").replace("[0]", "[]")
         later(probe, "bad config", f"{label}, {command}", _commands(model, out)[command], [file, field], outdir=out,
                       limit_s=60, limit_mb=1500)  # fmt: skip

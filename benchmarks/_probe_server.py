@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import re
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 from _probe_base import Case, Probe, Tmpfs, guarded
 from tests.serve_helpers import ServerProcess, wait_for
+from tests.test_serve_faults import raw_request
 
 KEY = "probe-k3y"
 MAX_BODY = 2_000_000
@@ -74,31 +73,6 @@ def bombs(probe: Probe, server: ServerProcess, client: httpx.Client) -> None:
                    f"{growth:.1f} MB", growth < 100, measured={"rss_growth_mb": round(growth, 1)}))  # fmt: skip
 
 
-def _raw(url: str, head: str, chunks: Iterator[bytes] | None = None) -> tuple[int, int]:
-    """Send ``head``, then body chunks until the server answers; (status, body bytes sent)."""
-    host, port = url.removeprefix("http://").split(":")
-    sent, reply = 0, b""
-    with socket.create_connection((host, int(port)), timeout=60) as conn:
-        conn.sendall(head.encode())
-        conn.settimeout(0.2)
-        for chunk in chunks or ():
-            try:
-                reply += conn.recv(65536)
-            except TimeoutError:
-                pass
-            if reply:
-                break
-            try:
-                conn.sendall(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += len(chunk)
-        conn.settimeout(60)
-        while b"\r\n" not in reply:
-            reply += conn.recv(65536)
-    return int(reply.split(b" ", 2)[1]), sent
-
-
 def bodies_and_keys(probe: Probe, server: ServerProcess, client: httpx.Client) -> None:
     post = "POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     huge = post + "Content-Length: 300000000\r\n"
@@ -110,7 +84,7 @@ def bodies_and_keys(probe: Probe, server: ServerProcess, client: httpx.Client) -
             post + f"Authorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n", iter([chunk] * 200), 413),
     }  # fmt: skip
     for name, (head, chunks, status) in cases.items():
-        got, sent = _raw(server.url, head, chunks)
+        got, sent = raw_request(server.url, head, chunks)
         ok = got == status and sent < MAX_BODY + 4 * len(chunk)
         probe.add(Case("body", name, f"{status} before the body is read", f"{got} after {sent:,} body bytes", ok))
     anonymous = httpx.Client(base_url=server.url, timeout=60)

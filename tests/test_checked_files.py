@@ -326,7 +326,7 @@ def test_an_index_without_weight_map_is_refused(diffusers_dir, tmp_path, capsys)
 # --- model configs -------------------------------------------------------------------------------------------------
 
 
-def _edit_json(path: Path, *keys_and_value) -> None:
+def edit_json(path: Path, *keys_and_value) -> None:
     *keys, value = keys_and_value
     data = json.loads(path.read_text())
     target = data
@@ -360,10 +360,10 @@ def test_bad_model_json_is_refused_before_building(native_dir, tmp_path, capsys,
     folder = _copy(native_dir, tmp_path)
     edit, message = NATIVE_CONFIGS[case]
     if message is None:  # each value within its bounds, the whole too big: the parameter estimate refuses it
-        _edit_json(folder / "model.json", "text_encoder", "width", 65536)
-        _edit_json(folder / "model.json", "text_encoder", "layers", 256)
+        edit_json(folder / "model.json", "text_encoder", "width", 65536)
+        edit_json(folder / "model.json", "text_encoder", "layers", 256)
         message = "the text encoder would have [0-9,]+ parameters, more than the 20,000,000,000"
-    _edit_json(folder / "model.json", *edit)
+    edit_json(folder / "model.json", *edit)
     line = _refused(capsys, folder, message)
     assert "model.json: " in line
     _refused(capsys, folder, message, "generate")
@@ -389,7 +389,7 @@ def test_bad_diffusers_config_is_refused_before_building(diffusers_dir, tmp_path
     folder = _copy(diffusers_dir, tmp_path)
     (component, *edit), message = DIFFUSERS_CONFIGS[case]
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    _edit_json(folder / component / name, *edit)
+    edit_json(folder / component / name, *edit)
     _refused(capsys, folder, message)
 
 
