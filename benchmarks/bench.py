@@ -51,6 +51,7 @@ SETTINGS = {
 # cinematic's cases: label -> settings read by _bench_cases.cinematic_generation
 FP32 = "--dtype fp32 (the default before 22)"  # fp32 weights from the cinematic folder, guidance batched
 DEFAULT = "default (fp16 files kept, fp32 compute, plan by size)"  # `cinematic generate --model FOLDER`, no flags
+FEW_STEP = "4-step student (T2V-Turbo LoRA merged, lcm, one pass per step)"
 CINEMATIC_MODES = {
     DEFAULT: {"defaults": True},
     FP32: {},
@@ -60,11 +61,14 @@ CINEMATIC_MODES = {
     "one conditional pass (a truncated step)": {"guidance": 1.0},
     "--int8": {"int8": True},
     "--no-winograd": {"winograd": False},
+    # A T2V-Turbo-MS-shaped student: a random rank-32 list over every layer, merged (`--lora unet_lora.pt
+    # --lora-merge`), sampled as it is by default: lcm, one pass per step, guidance as the embedding's input.
+    FEW_STEP: {"defaults": True, "few_step": True},
 }
 # --modes names for them
 MODE_NAMES = dict(
     zip(
-        ["default", "fp32", "fp16", "low-memory", "cache", "truncated", "int8", "no-winograd"],
+        ["default", "fp32", "fp16", "low-memory", "cache", "truncated", "int8", "no-winograd", "few-step"],
         CINEMATIC_MODES,
         strict=True,
     )
@@ -303,6 +307,8 @@ def estimates(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         add("cinematic, DPM-Solver++ 25 --guidance-stop 0.8", plain, 20 * plain["step_s"] + 5 * cond["step_s"])
     if cached:
         add("cinematic, DPM-Solver++ 25 --cache-interval 3", cached, 25 * cached["step_s"])
+    if few := by.get(("cinematic", FEW_STEP)):
+        add("cinematic, 4-step student (lcm)", few, 4 * few["step_s"])
     if plain and cached and cond:
         saving = cached["step_s"] / plain["step_s"]
         steps_s = 20 * cached["step_s"] + 5 * cond["step_s"] * saving

@@ -344,3 +344,17 @@ def bomb_webp(side: int = 16000) -> bytes:
     assert data[12:16] == b"VP8X"  # RIFF, size, WEBP, then the extended header: flags, 3 reserved, w-1, h-1
     data[24:27] = data[27:30] = (side - 1).to_bytes(3, "little")
     return bytes(data)
+
+
+def write_tiny_model(folder: Path, clip: tuple[int, int, int] = (4, 32, 32)) -> Path:
+    """A fresh tiny model (random weights, seed 0) written in cinematic's format as ``folder/model``, trained size
+    ``clip`` (frames, height, width), its tokenizer learnt on two shapes captions."""
+    from cinematic.models.presets import PRESETS
+    from cinematic.train.setup import fresh_model, with_clip_size
+    from cinematic.weights.native import write_native
+
+    model = fresh_model(PRESETS["tiny"], ["a red circle moving left", "a blue square moving up"], None, seed=0)
+    config = with_clip_size(model.config, *clip)
+    tokenizer = model.tokenizer.save(folder / "tokenizer-src")
+    states = {name: (lambda n=name: getattr(model, n).state_dict()) for name in ("unet", "text_encoder", "vae")}
+    return write_native(folder / "model", config, states, tokenizer, torch.float32)

@@ -20,6 +20,7 @@ from cinematic.models import lora_adapters as lora_modules
 from cinematic.models.lora_adapters import LoRAConfig
 from cinematic.pipeline import Pipeline
 from cinematic.weights.lora_formats import FILE_NAME, INFO_NAME, read_adapter, write_adapter
+from tests.factories import write_tiny_model
 
 CLIP = {"frames": 4, "height": 32, "width": 32}
 PROMPT = "a red circle moving left"
@@ -34,17 +35,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A fresh tiny model (random weights) written in cinematic's format, trained size 4 x 32 x 32."""
-    from cinematic.models.presets import PRESETS
-    from cinematic.train.setup import fresh_model, with_clip_size
-    from cinematic.weights.native import write_native
-
     torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("base")
-    model = fresh_model(PRESETS["tiny"], ["a red circle moving left", "a blue square moving up"], None, seed=0)
-    config = with_clip_size(model.config, 4, 32, 32)
-    tokenizer = model.tokenizer.save(folder / "tokenizer-src")
-    states = {name: (lambda n=name: getattr(model, n).state_dict()) for name in ("unet", "text_encoder", "vae")}
-    return write_native(folder / "model", config, states, tokenizer, torch.float32)
+    return write_tiny_model(tmp_path_factory.mktemp("base"))
 
 
 def random_adapter(unet: torch.nn.Module, rank: int = 2, alpha: float = 3.0, targets: str = "both", seed: int = 0):

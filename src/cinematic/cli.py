@@ -199,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate_parser(commands)
 
-    from cinematic.train.cli import add_train_parser
+    from cinematic.train.cli import add_distill_parser, add_train_parser
 
     add_train_parser(commands)
+    add_distill_parser(commands)
 
     from cinematic.eval.cli import add_eval_parser
 

@@ -17,13 +17,13 @@ from torch import nn
 from cinematic.errors import CinematicError
 from cinematic.models import lora_adapters, modifications
 from cinematic.models.unet3d import add_guidance_embedding
-from cinematic.weights.lora_formats import PEFT_CONFIG, adapter_file, read_adapter
+from cinematic.weights.lora_formats import PEFT_CONFIG, adapter_file, few_step_info, read_adapter
 from cinematic.weights.turbo_lora import GUIDANCE_WIDTH, convert_turbo_lora, read_turbo_lora, turbo_file
 from cinematic.weights.turbo_lora import SUFFIXES as TURBO_SUFFIXES
 
 LoRASpecs = Sequence[tuple[str | Path, float]]
 
-T2V_TURBO, MCM, OTHER = "t2v-turbo", "mcm", "lora"
+T2V_TURBO, MCM, DISTILLED, OTHER = "t2v-turbo", "mcm", "distilled", "lora"  # DISTILLED: by cinematic distill
 # The sampler settings each few-step student was distilled for (docs/few-step.md), set as the model's defaults when
 # one is loaded: T2V-Turbo-MS (app_ms.py: 4 steps, guidance 7.5 fed to its embedding, the LCM boundary scalings
 # at timestep scaling 10) and MCM (demo.py: guidance 1, i.e. one conditional pass, timestep scaling 4).
@@ -31,6 +31,9 @@ FEW_STEP_DEFAULTS = {
     T2V_TURBO: {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 7.5, "timestep_scaling": 10.0},
     MCM: {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0, "timestep_scaling": 4.0},
 }
+# LoRAs shipped in the package (src/cinematic/assets/<name>), loadable by name: the 4-step student of the bundled
+# shapes model (recipes/distill_shapes.py).
+BUNDLED_LORAS = ("shapes-turbo",)
 MCM_FOLDER_PREFIX = "modelscopet2v"  # the sub-folders of yhzhai/mcm: modelscopet2v-webvid, -laion, ...
 
 
@@ -67,14 +70,21 @@ def lora_file(spec: str | Path) -> tuple[Path, str]:
             raise CinematicError(f"{spec} holds several LoRAs; name one: {', '.join(f'{spec}/{p}' for p in inside)}")
     file = adapter_file(path)
     mcm = (file.parent / PEFT_CONFIG).is_file() and file.parent.name.startswith(MCM_FOLDER_PREFIX)
-    return file, MCM if mcm else OTHER
+    if mcm:
+        return file, MCM
+    return file, DISTILLED if few_step_info(file) != (None, None) else OTHER
 
 
 def _local(spec: str | Path) -> Path:
-    """A local path for ``spec``: itself when it exists, else the folder of a hub id."""
+    """A local path for ``spec``: itself when it exists, else a bundled LoRA's folder (``shapes-turbo``), else the
+    folder of a hub id."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
+    from cinematic.weights import BUNDLED_DIR
+
+    if isinstance(spec, str) and spec in BUNDLED_LORAS:
+        return BUNDLED_DIR / spec
     from cinematic.weights import hub
 
     parts = str(spec).split("/")
@@ -85,8 +95,12 @@ def _local(spec: str | Path) -> Path:
 
 
 def few_step_defaults(spec: str | Path) -> dict[str, object] | None:
-    """The sampler settings that the few-step student at ``spec`` was distilled for, or None for other LoRAs."""
-    return FEW_STEP_DEFAULTS.get(lora_file(spec)[1])
+    """The sampler settings that the few-step student at ``spec`` was distilled for, or None for other LoRAs: the
+    published students' (:data:`FEW_STEP_DEFAULTS`), or those ``cinematic distill`` wrote into its ``lora.json``."""
+    file, kind = lora_file(spec)
+    if kind == DISTILLED:
+        return few_step_info(file)[0]
+    return FEW_STEP_DEFAULTS.get(kind)
 
 
 def load_lora(unet: nn.Module, path: str | Path, scale: float = 1.0, merge: bool = False) -> str:
@@ -113,6 +127,9 @@ def load_lora(unet: nn.Module, path: str | Path, scale: float = 1.0, merge: bool
             raise
     else:
         state, _ = read_adapter(file)
+        width = few_step_info(file)[1] if kind == DISTILLED else None
+        if width is not None and unet.config.time_cond_proj_dim is None:
+            add_guidance_embedding(unet, width, name)  # zero, as the student was distilled from (cinematic distill)
     try:
         lora_adapters.load_adapter(unet, state, name, scale, what=str(file))
         if merge:

@@ -40,6 +40,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write the report (and the settings) to this JSON file")
     parser.add_argument("--save-videos", type=Path, metavar="DIR", help="also write every video to DIR as .mp4")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="judge the model with this LoRA applied (as cinematic generate's --lora; a few-step student such as "
+        "shapes-turbo brings its sampler defaults); repeat for several",
+    )  # fmt: skip
     settings = parser.add_argument_group("settings (as cinematic generate's; the defaults are its defaults)")
     add_arguments(settings, EVAL_SETTINGS)
     parser.set_defaults(run=cmd_eval)
@@ -58,6 +63,9 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     captions = list(dict.fromkeys(args.captions or ALL_CAPTIONS))
     for caption in captions:
         parse_caption(caption)
+    from cinematic.lora_loading import parse_spec
+
+    args.loras = [parse_spec(spec) for spec in args.lora]
     return captions, settings
 
 
@@ -75,7 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # process-wide, this command's to make: the steps reuse the heap (cinematic.allocator)
-    pipe = Pipeline.from_pretrained(args.model, device=device)
+    pipe = Pipeline.from_pretrained(args.model, device=device, loras=args.loras)
+    rows = [0]  # videos' worth of UNet work: each forward adds its batch (a guided pass of 48 videos adds 96)
+    pipe.model.unet.register_forward_hook(lambda module, inputs, output: rows.__setitem__(0, rows[0] + len(inputs[0])))
     began = time.perf_counter()
     videos: dict[str, list] = {caption: [] for caption in captions}
     for seed in range(args.seeds):
@@ -90,12 +100,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(videos)
     print(report.table())
     count = len(captions) * args.seeds
-    print(f"{count} videos in {seconds:.0f} s ({seconds / count:.2f} s per video, batched)", file=sys.stderr)
+    passes = rows[0] / count
+    print(f"{count} videos in {seconds:.0f} s ({seconds / count:.2f} s per video, batched), {passes:g} UNet passes "
+          "per video", file=sys.stderr)  # fmt: skip
     if args.json is not None:
         resolved = pipe.validate("x", **settings).settings.values()
         shown = {name: resolved[name] for name in EVAL_SETTINGS}
         took = round(seconds, 1)
-        settings = {"model": str(args.model), "seeds": args.seeds, **shown, "device": device, "seconds": took}
+        loras = [f"{path}:{scale:g}" for path, scale in args.loras]
+        settings = {"model": str(args.model), "loras": loras, "seeds": args.seeds, **shown, "device": device,
+                    "seconds": took, "unet_passes_per_video": passes}  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, **report.to_json()}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

@@ -30,12 +30,16 @@ from torch import nn
 
 from cinematic.errors import CinematicError
 from cinematic.models import modifications, precision
+from cinematic.models.unet3d_blocks import FrameConv
 
-TARGETS = ("spatial", "temporal", "both")
+# "both": the attention projections of both kinds (the default of ``cinematic train --lora``); "all": every linear
+# layer and convolution of the UNet, as consistency-distilled students adapt it (``cinematic distill``, T2V-Turbo).
+TARGETS = ("spatial", "temporal", "both", "all")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 # Which attention modules each target adapts: the spatial transformers (self- and cross-attention), or the temporal
 # transformers and the transformer before the first level, which attend across frames.
 _TARGET_MODULES = {"spatial": ("attentions",), "temporal": ("temp_attentions", "transformer_in")}
+_LAYER_KINDS = (nn.Linear, nn.Conv2d, nn.Conv3d, FrameConv)  # "all": these classes exactly (adapters' own are skipped)
 ADAPTERS = "lora_adapters"  # the attribute (and state-dict key part) that holds a layer's adapters
 DEFAULT_NAME = "default"
 
@@ -134,6 +138,12 @@ def target_layers(unet: nn.Module, targets: str) -> dict[str, nn.Module]:
     """The projections that ``targets`` adapts, by module name, in module order."""
     if targets not in TARGETS:
         raise CinematicError(f"lora targets must be one of {', '.join(TARGETS)}, not {targets!r}")
+    if targets == "all":
+        return {
+            name: module
+            for name, module in unet.named_modules()
+            if ADAPTERS not in name.split(".") and type(module) in _LAYER_KINDS and adaptable(module)
+        }
     kinds = _TARGET_MODULES.keys() if targets == "both" else (targets,)
     wanted = {m for kind in kinds for m in _TARGET_MODULES[kind]}
     return {
@@ -320,11 +330,14 @@ def adapter_state(unet: nn.Module, name: str = DEFAULT_NAME) -> dict[str, tuple[
 
 def add_lora(unet: nn.Module, config: LoRAConfig, name: str = DEFAULT_NAME) -> dict[str, Adapter]:
     """Fresh adapters (``up`` zero) on the layers of ``config.targets``; the caller seeds the ``down`` init."""
+    """A layer narrower than the rank gets the rank ``min(rank, in, out)`` and an alpha that keeps the update's
+    scale ``alpha / rank`` (T2V-Turbo caps ranks the same way: conv_in and conv_out take 4)."""
     layers = target_layers(unet, config.targets)
     if not layers:
         raise CinematicError(f"this UNet has no {config.targets} attention layers to adapt")
-    alpha = config.alpha if config.alpha is not None else float(config.rank)
-    return attach(unet, layers, dict.fromkeys(layers, config.rank), dict.fromkeys(layers, alpha), name)
+    ranks = {layer_name: min(config.rank, *features(layer_name, layer)) for layer_name, layer in layers.items()}
+    alphas = {layer_name: config.scale * rank for layer_name, rank in ranks.items()}
+    return attach(unet, layers, ranks, alphas, name)
 
 
 def load_adapter(

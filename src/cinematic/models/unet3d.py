@@ -226,8 +226,7 @@ def add_guidance_embedding(unet: UNet3D, dim: int, detail: str = "") -> modifica
     unet.config = dataclasses.replace(before, time_cond_proj_dim=dim)
 
     def remove() -> None:
-        del unet.time_embedding.cond_proj  # out of the submodules, so out of the state dict
-        unet.time_embedding.cond_proj = None
+        unet.time_embedding.cond_proj = None  # an empty place among the submodules: out of the state dict
         unet.config = before
 
     return modifications.record(unet, "guidance_embedding", detail, remove, graph_safe=True)

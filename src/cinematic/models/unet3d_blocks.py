@@ -95,7 +95,9 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, embed_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, embed_dim)
-        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
+        # Registered even when absent, so that one added later (unet3d.add_guidance_embedding) takes this place in
+        # the module order, and the parameters' order is that of a UNet built with it (optimizer states match).
+        self.register_module("cond_proj", nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -155,7 +155,7 @@ class TrainConfig:
 
     def _check_lora(self) -> None:
         if self.lora is None:
-            if self.lora_alpha is not None or self.lora_targets != "both":
+            if self.lora_alpha is not None or self.lora_targets != type(self).lora_targets:  # not the default
                 raise CinematicError("--lora-alpha and --lora-targets need --lora RANK")
             return
         from cinematic.models.lora_adapters import LoRAConfig
@@ -176,6 +176,10 @@ class TrainConfig:
         if self.cache_latents is not None and self.stage != "unet":
             raise CinematicError("--cache-latents caches the VAE latents that the unet stage trains on; the vae "
                                  "stage trains the VAE itself")  # fmt: skip
+
+    def distill_settings(self) -> dict[str, Any] | None:
+        """The distillation's own settings (``train/distill.py``); None for a training run."""
+        return None
 
     def lora_config(self):
         """The :class:`cinematic.models.lora_adapters.LoRAConfig` of a LoRA run (None otherwise)."""
@@ -201,3 +205,61 @@ class TrainConfig:
         data = asdict(self)
         data["out"] = str(self.out)
         return data
+
+
+FEW_STEPS = 4  # the steps a student is made for and sampled with by default (T2V-Turbo's and MCM's)
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    """One ``cinematic distill`` run: a :class:`TrainConfig` whose ``init`` is the teacher, plus the distillation's
+    own settings. Defaults that differ from ``train``'s: a rank-32 LoRA on every layer, no caption dropout, no UNet
+    dropout (the teacher's passes and the target's must see the network the student trains), 4-step samples."""
+
+    lora: int | None = 32  # None: the student is a full copy of the teacher's UNet, with an EMA target
+    lora_targets: str = "all"
+    caption_dropout: float = 0.0
+    dropout: float | None = 0.0
+    ema_decay: float = 0.995
+    sample_steps: int = FEW_STEPS
+    guidance_min: float = 5.0  # the teacher's guidance scale w is drawn uniformly from [min, max] per clip
+    guidance_max: float = 15.0
+    guidance_embedding: int = 256  # width of the student's guidance embedding; 0: none (w is then not an input)
+    solver_steps: int = 50  # the teacher's DDIM grid; one solver step spans num_train_timesteps / solver_steps
+    timestep_scaling: float = 10.0  # of the boundary scalings (10: T2V-Turbo and LCM; 4: MCM)
+    huber_c: float = 0.001  # the pseudo-Huber loss's c
+    target_decay: float = 0.95  # a full student's target: an EMA of the student with this decay
+
+    def __post_init__(self) -> None:
+        if self.init is None:
+            raise CinematicError("distill needs a teacher: give the model to distil (--model)")
+        if self.stage != "unet":
+            raise CinematicError("distill trains the UNet: the stage is unet")
+        if self.lora is None and self.parts is None:
+            object.__setattr__(self, "parts", "unet")
+        if self.lora is None and self.parts != "unet":
+            raise CinematicError(f"a full student trains the whole UNet, not {self.parts!r}")
+        if self.fsdp:
+            raise CinematicError("--fsdp is not supported by distill: the teacher and the target are whole copies")
+        super().__post_init__()
+        for name in ("guidance_min", "guidance_max", "timestep_scaling", "huber_c"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise CinematicError(f"{name.replace('_', ' ')} must be a finite number >= 0, not {value!r}")
+        if self.guidance_min > self.guidance_max:
+            raise CinematicError(f"the guidance range must be MIN MAX with MIN <= MAX, not {self.guidance_min} "
+                                 f"{self.guidance_max}")  # fmt: skip
+        if not self.timestep_scaling > 0:
+            raise CinematicError(f"timestep scaling must be positive, not {self.timestep_scaling!r}")
+        for name, low, high in (("guidance_embedding", 0, 4096), ("solver_steps", 1, 1000)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise CinematicError(f"{name.replace('_', ' ')} must be an integer from {low} to {high}, not {value!r}")
+        if not isinstance(self.target_decay, int | float) or not 0 <= self.target_decay < 1:
+            raise CinematicError(f"target decay must be a number in [0, 1), not {self.target_decay!r}")
+
+    def distill_settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues (besides the train settings it checks)."""
+        names = ("guidance_min", "guidance_max", "guidance_embedding", "solver_steps", "timestep_scaling",
+                 "huber_c", "target_decay")  # fmt: skip
+        return {"student": "lora" if self.lora else "full", **{name: getattr(self, name) for name in names}}

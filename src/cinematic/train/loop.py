@@ -71,12 +71,22 @@ def train(config: TrainConfig, *, dataset: VideoDataset | None = None, sample_fn
     Under ``torchrun`` each process is one rank of a data-parallel run (``train/distributed.py``): every rank
     returns the same path, and rank 0 alone writes into ``config.out``.
     """
+    return run_training(config, dataset, sample_fn, Trainer)
+
+
+def run_training(
+    config: TrainConfig, dataset: VideoDataset | None, sample_fn: SampleFn | None, trainer: type[Trainer]
+) -> Path:
+    """Open (or resume) the run of ``config`` and fit it with ``trainer`` (``Trainer``, or a subclass with another
+    loss: ``train/distill.py``)."""
+    if config.init is not None:
+        starting_config(config)  # a missing or broken starting model is said before --out is made
     with joined(config.device) as world:
         check_optimizer(config.optimizer, world.device)
         world.on_main(lambda: prepare_out(config.out, config.resume))
         found = world.on_main(lambda: _latest_name(config.out)) if config.resume else None
         checkpoint = config.out / found if found else None
-        return Trainer(_open_run(config, dataset, checkpoint, world), sample_fn).fit()
+        return trainer(_open_run(config, dataset, checkpoint, world), sample_fn).fit()
 
 
 def _latest_name(out: Path) -> str | None:
@@ -132,6 +142,13 @@ def _open_run(config: TrainConfig, dataset: VideoDataset | None, checkpoint: Pat
 
 
 def _check_same_run(config: TrainConfig, state: dict[str, Any], checkpoint: Path) -> None:
+    then, now = state.get("distill"), config.distill_settings()
+    if then != now:
+        if then is None or now is None:
+            command = "distill" if then is not None else "train"
+            raise CinematicError(f"--resume: {checkpoint.name} is from a cinematic {command} run; continue it with "
+                                 f"cinematic {command}")  # fmt: skip
+        raise CinematicError(f"--resume: {checkpoint.name} was distilled with {then}, not {now}")
     if state["stage"] != config.stage or frozenset(state["parts"]) != config.trained_parts():
         raise CinematicError(
             f"--resume: {checkpoint.name} trained {'+'.join(state['parts'])} in the {state['stage']} stage, not "
@@ -388,6 +405,8 @@ class Trainer:
             "batch_size": c.batch_size,
             "world_size": world.size,
             "grad_accum": c.grad_accum,
+            "distill": c.distill_settings(),
+            **self.extra_state(),
         }
         averaged = {name: gathered(self.ema.network_state(name, getattr(model, name))) for name in COMPONENTS}
         if not world.is_main:
@@ -395,9 +414,17 @@ class Trainer:
         if c.lora is not None:
             from cinematic.train.lora_training import save_lora_checkpoint
 
-            return save_lora_checkpoint(c.out, done, model, self.ema, self.trainable, state, c)
+            return save_lora_checkpoint(c.out, done, model, self.ema, self.trainable, state, c, self.adapter_info())
         keep = c.keep_checkpoints
         return save_checkpoint(c.out, done, model, averaged, state, self.tokenizer_dir, c.save_dtype, keep)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a subclass adds to the training state of each checkpoint (nothing here)."""
+        return {}
+
+    def adapter_info(self) -> dict[str, Any]:
+        """What a subclass adds to a LoRA checkpoint's ``lora.json`` (nothing here)."""
+        return {}
 
     def sample(self, done: int) -> None:
         """``sample_fn`` on the EMA weights in eval mode, on rank 0; the training state is left exactly as it was."""
@@ -441,7 +468,7 @@ class Trainer:
                 write_reconstructions(model, batch, folder / f"step-{step:06d}.mp4", fps)
 
             return reconstruct
-        prompts = c.sample_prompts or _first_captions(self.run.dataset, 2)
+        prompts = c.sample_prompts or first_captions(self.run.dataset, 2)
         return prompt_sampler(folder, prompts, self.run.clip, c.sample_steps, c.sample_guidance, c.seed)
 
     def _log(self, start: int):
@@ -487,7 +514,7 @@ def _own_storage(model: Model) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def _first_captions(dataset: VideoDataset, count: int) -> tuple[str, ...]:
+def first_captions(dataset: VideoDataset, count: int) -> tuple[str, ...]:
     captions = getattr(dataset, "captions", None) or [dataset[i]["caption"] for i in range(min(count, len(dataset)))]
     return tuple(list(dict.fromkeys(captions))[:count])
 

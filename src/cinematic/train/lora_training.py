@@ -62,9 +62,10 @@ def save_lora_checkpoint(
     trainable: dict[str, list[tuple[str, nn.Parameter]]],
     training_state: dict[str, Any],
     config: Any,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """``OUT/checkpoint-<step>``: the EMA adapter and the training state, written atomically as
-    ``state.save_checkpoint`` writes a model checkpoint."""
+    ``state.save_checkpoint`` writes a model checkpoint. ``extra`` goes into the adapter's ``lora.json``."""
     from cinematic.train.state import prune_checkpoints, write_text_atomically
     from cinematic.weights.lora_formats import write_adapter
 
@@ -75,7 +76,7 @@ def save_lora_checkpoint(
     with ema.swapped():
         adapter = {k: (d.clone(), u.clone(), a) for k, (d, u, a) in lora_adapters.adapter_state(model.unet).items()}
     alpha = lora.alpha if lora.alpha is not None else float(lora.rank)
-    write_adapter(staging, adapter, lora.rank, alpha, lora.targets, DTYPES[config.save_dtype])
+    write_adapter(staging, adapter, lora.rank, alpha, lora.targets, DTYPES[config.save_dtype], extra)
     raw = {n: p.detach().clone() for n, p in trainable["unet"]}
     settings = {"rank": lora.rank, "alpha": alpha, "targets": lora.targets}
     state = {"version": STATE_VERSION, **training_state, "networks": {"unet": raw}, "lora": settings}

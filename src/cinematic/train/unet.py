@@ -93,9 +93,10 @@ def prompt_sampler(
     steps: int,
     guidance: float,
     seed: int,
+    **settings: Any,
 ) -> SampleFn | None:
-    """A ``sample_fn`` writing ``folder/step-<step>-<i>.mp4`` for each prompt with ``cinematic.pipeline``; None
-    (with a note on stderr) when that module is not available."""
+    """A ``sample_fn`` writing ``folder/step-<step>-<i>.mp4`` for each prompt with ``cinematic.pipeline`` (and any
+    other generation ``settings``, e.g. a sampler); None (with a note on stderr) when that module is not available."""
     try:
         from cinematic.pipeline import Pipeline
     except ImportError as e:
@@ -118,6 +119,7 @@ def prompt_sampler(
                 guidance_scale=guidance,
                 seed=seed,
                 progress=False,
+                **settings,
             )
             path = folder / f"step-{step:06d}-{i:02d}.mp4"
             video.write(path, out.frames, fps=out.fps, metadata={**out.metadata, "training_step": step})

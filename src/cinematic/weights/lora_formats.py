@@ -84,6 +84,33 @@ def read_adapter(path: str | Path) -> tuple[AdapterState, dict[str, Any]]:
     return convert_adapter(state, info.get("alpha"), str(file)), info
 
 
+FEW_STEP_KEY = "few_step"  # lora.json: the sampler settings a distilled student was made for
+GUIDANCE_KEY = "guidance_embedding"  # lora.json: the width of the guidance embedding the student adds to the UNet
+FEW_STEP_SETTINGS = ("sampler", "num_inference_steps", "guidance_scale", "timestep_scaling")
+
+
+def few_step_info(file: Path) -> tuple[dict[str, Any] | None, int | None]:
+    """``(sampler settings, guidance embedding width)`` of a student written by ``cinematic distill``, from the
+    ``lora.json`` beside its file; ``(None, None)`` for any other adapter. Checked: known settings only, a positive
+    integer width."""
+    sidecar = file.parent / INFO_NAME
+    if not sidecar.is_file():
+        return None, None
+    try:
+        data = json.loads(sidecar.read_text())
+    except (ValueError, OSError):
+        raise CinematicError(f"{sidecar} is not valid JSON") from None
+    if not isinstance(data, dict):
+        return None, None
+    settings, width = data.get(FEW_STEP_KEY), data.get(GUIDANCE_KEY)
+    if settings is not None:
+        if not isinstance(settings, dict) or set(settings) - set(FEW_STEP_SETTINGS):
+            raise CinematicError(f"{sidecar}: {FEW_STEP_KEY} must be an object of {', '.join(FEW_STEP_SETTINGS)}")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= 4096):
+        raise CinematicError(f"{sidecar}: {GUIDANCE_KEY} must be an integer from 1 to 4096, not {width!r:.40}")
+    return settings, width
+
+
 def _info(file: Path) -> dict[str, Any]:
     """Rank, alpha and targets from diffusers' metadata in the file, else from ``lora.json`` beside it."""
     packed = read_metadata(file).get(METADATA_KEY)
@@ -189,16 +216,31 @@ def peft_state(state: AdapterState) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_adapter(folder: Path, state: AdapterState, rank: int, alpha: float, targets: str, dtype: torch.dtype) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` and ``folder/lora.json``; returns the safetensors path."""
+def write_adapter(
+    folder: Path,
+    state: AdapterState,
+    rank: int,
+    alpha: float,
+    targets: str,
+    dtype: torch.dtype,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` and ``folder/lora.json``; returns the safetensors path.
+
+    A layer whose alpha is not ``alpha`` (its rank was capped at its width) gets an ``unet.<layer>.alpha`` key, the
+    per-layer alpha diffusers reads as network alphas. ``extra`` goes into ``lora.json`` beside rank and alpha (a
+    distilled student's sampler settings and guidance embedding, see :func:`few_step_info`)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(dtype) for k, v in peft_state(state).items()}
+    for layer, (_, _, layer_alpha) in state.items():
+        if layer_alpha != alpha:
+            tensors[f"unet.{layer}.alpha"] = torch.tensor(float(layer_alpha))
     layers = sorted({layer.rpartition(".")[2] if not layer.endswith("to_out.0") else "to_out.0" for layer in state})
     meta = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": layers, "unet.targets": targets}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
     save_file(tensors, str(folder / FILE_NAME), metadata=metadata)
-    info = {"rank": rank, "alpha": alpha, "targets": targets, "layers": len(state), "file": FILE_NAME}
+    info = {"rank": rank, "alpha": alpha, "targets": targets, "layers": len(state), "file": FILE_NAME, **(extra or {})}
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return folder / FILE_NAME

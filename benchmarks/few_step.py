@@ -1,0 +1,81 @@
+"""The bundled shapes model's 4-step student (``--lora shapes-turbo``) against its teacher, end to end (issue 24).
+
+One process, one thread count: each case loads the pipeline (``Pipeline.from_pretrained("shapes", loras=...)``, as
+``cinematic generate`` does) and makes one default video (16 frames, 32x32: encode, sample, decode), ``--repeats``
+times after a warm-up; the table shows the median seconds of the load plus the video, and the ratio against the
+teacher's DDIM 50 with guidance 9 (two UNet passes a step: 100 in all).
+
+    .venv/bin/python benchmarks/few_step.py --json build/few-step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _common import machine, markdown_table
+
+PROMPT = "a red circle moving left"
+# (label, loras, settings): the teacher with its default sampler and two faster ones, the student at 1 to 8 steps.
+CASES = [
+    ("teacher, DDIM 50 (the default)", [], {}),
+    ("teacher, DPM-Solver++ 25", [], {"sampler": "dpmpp_2m", "num_inference_steps": 25}),
+    ("student, lcm 4 (the LoRA's default)", [("shapes-turbo", 1.0)], {}),
+    ("student, lcm 1", [("shapes-turbo", 1.0)], {"num_inference_steps": 1}),
+    ("student, lcm 2", [("shapes-turbo", 1.0)], {"num_inference_steps": 2}),
+    ("student, lcm 8", [("shapes-turbo", 1.0)], {"num_inference_steps": 8}),
+]
+
+
+def one_video(loras: list, settings: dict, seed: int) -> tuple[float, int]:
+    """Seconds of a load and one video, and the UNet passes (batch rows) it took."""
+    from cinematic.pipeline import Pipeline
+
+    began = time.perf_counter()
+    pipe = Pipeline.from_pretrained("shapes", loras=loras)
+    rows = [0]
+    pipe.model.unet.register_forward_hook(lambda m, inputs, out: rows.__setitem__(0, rows[0] + len(inputs[0])))
+    pipe(PROMPT, seed=seed, progress=False, **settings)
+    return time.perf_counter() - began, rows[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed videos per case, after one warm-up")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for label, loras, settings in CASES:
+        one_video(loras, settings, 0)  # warm-up
+        times, passes = [], 0
+        for seed in range(args.repeats):
+            seconds, passes = one_video(loras, settings, seed)
+            times.append(seconds)
+        rows.append({"case": label, "loras": [f"{p}:{s:g}" for p, s in loras], "settings": settings,
+                     "median_s": statistics.median(times), "times_s": times, "unet_passes": passes})  # fmt: skip
+        print(f"{label}: {statistics.median(times):.3f} s", file=sys.stderr)
+    teacher = rows[0]["median_s"]
+    table = markdown_table(
+        ["case", "UNet passes", "load + video, s (median)", "speed-up vs DDIM 50"],
+        [[r["case"], str(r["unet_passes"]), f"{r['median_s']:.3f}", f"{teacher / r['median_s']:.1f}x"] for r in rows],
+    )
+    print(table)
+    if args.json is not None:
+        result = {"machine": machine(), "threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Latent consistency distillation (Song et al. 2023; Luo et al. 2023, "Latent Consistency Models"): make a few-step
+student of any model cinematic loads. ``distill(DistillConfig(...)) -> Path`` and ``cinematic distill``.
+
+The run is a ``cinematic train`` run (``train/loop.py``: the same data, batches, checkpoints, exact resume, samples,
+progress and many-process launch) whose loss is the consistency loss of one solver step, as T2V-Turbo and MCM train
+their students of text-to-video-ms-1.7b (``../shared/docs/few-step.md``):
+
+1. a clip's latents ``x0`` are noised to ``t`` on the teacher's ``solver_steps``-step DDIM grid (``t = k T/N - 1``);
+2. the frozen teacher takes one guided DDIM step from ``t`` to ``t - T/N`` at a guidance scale ``w`` drawn per clip
+   from ``[guidance_min, guidance_max]``: ``x0 = x0_u + w (x0_c - x0_u)``, the same for ε (``w`` is the scale that
+   ``cinematic generate --guidance-scale`` means: the unconditional prediction plus ``w`` times the difference);
+3. the student maps ``x_t`` to ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat`` (the boundary scalings at
+   ``timestep_scaling``, :func:`cinematic.diffusion.denoisers.boundary_scalings`), and is pulled towards the
+   target's ``f`` at the teacher's ``x_{t - T/N}`` (no gradient) by the pseudo-Huber loss
+   ``sqrt(d^2 + c^2) - c`` (Song & Dhariwal 2023).
+
+The student sees ``w`` through a guidance embedding (``guidance_embedding`` wide, the UNet config's
+``time_cond_proj_dim``, started at zero), so each of its steps is one UNet pass at any guidance scale; with
+``guidance_embedding=0`` it learns the teacher guided at ``w`` (give one value as the range) without seeing it.
+
+The student is the teacher plus a LoRA on every linear layer and convolution (the default; the target is the
+student itself, as in LCM-LoRA), or with ``lora=None`` a full copy whose target is an EMA of it (``target_decay``).
+A LoRA run writes checkpoints that ``generate --lora`` loads; their ``lora.json`` carries the sampler settings the
+student was made for (``lcm``, 4 steps, the teacher's guidance, this run's timestep scaling) and its guidance
+embedding, so the student needs no flags. A full run writes models whose defaults say the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from cinematic.data.dataset import VideoDataset
+from cinematic.diffusion.denoisers import boundary_scalings
+from cinematic.errors import CinematicError
+from cinematic.train.config import FEW_STEPS, DistillConfig
+from cinematic.train.distributed import Draws
+from cinematic.train.loop import Trainer, first_captions, run_training
+from cinematic.train.unet import SampleFn, clean_latents, prompt_sampler
+
+
+def distill(config: DistillConfig, *, dataset: VideoDataset | None = None, sample_fn: SampleFn | None = None):
+    """Run ``config``; returns the final folder (``OUT/model``: the student's LoRA, or its model for a full
+    student), or the last checkpoint when the run stops at ``config.stop_at``. As :func:`cinematic.train.train`."""
+    if not isinstance(config, DistillConfig):
+        raise TypeError("distill takes a DistillConfig")
+    return run_training(config, dataset, sample_fn, DistillTrainer)
+
+
+def _x0_and_eps(
+    prediction: str, x: torch.Tensor, out: torch.Tensor, signal: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latent and the noise that the network's output ``out`` at ``x = signal x0 + noise eps`` stands for
+    (ε- or v-prediction)."""
+    if prediction == "v_prediction":
+        return signal * x - noise * out, noise * x + signal * out
+    return (x - noise * out) / signal, out
+
+
+def _column(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32).view(-1, 1, 1, 1, 1).to(device)
+
+
+class DistillTrainer(Trainer):
+    """A :class:`cinematic.train.loop.Trainer` whose loss is the consistency loss, with the teacher beside the
+    student and, for a full student, the EMA target."""
+
+    def __init__(self, run: Any, sample_fn: SampleFn | None):
+        c, model = run.config, run.model
+        self.teacher: nn.Module | None = None  # a separate teacher (full student); a LoRA student's is itself
+        self.target: nn.Module | None = None
+        defaults = model.config.defaults
+        if run.state is None or c.lora is not None:  # the model is the teacher (a LoRA run resumes on it too)
+            if model.unet.config.time_cond_proj_dim is not None:
+                raise CinematicError(
+                    f"{c.init} already has a guidance embedding (a few-step student?); distil the model it came from"
+                )
+            if c.lora is None:
+                self.teacher = _frozen(copy.deepcopy(model.unet))
+            if c.guidance_embedding:
+                from cinematic.models.unet3d import add_guidance_embedding
+
+                add_guidance_embedding(model.unet, c.guidance_embedding, "distill")
+            teacher_guidance = defaults.guidance_scale
+        else:  # a full student resumed: its checkpoint holds the student; the teacher is loaded again
+            self.teacher = _frozen(_load_unet(c.init, run.device))
+            teacher_guidance = run.state["distill_teacher_guidance"]
+        self.teacher_guidance = teacher_guidance
+        self.few_step = {
+            "sampler": "lcm",
+            "num_inference_steps": FEW_STEPS,
+            "guidance_scale": teacher_guidance if c.guidance_embedding else 1.0,
+            "timestep_scaling": float(c.timestep_scaling),
+        }
+        model.config = dataclasses.replace(model.config, unet=model.unet.config)
+        if c.lora is None:  # the saved models are students: their defaults are the few-step sampler's
+            model.config = dataclasses.replace(model.config, defaults=dataclasses.replace(defaults, **self.few_step))
+        super().__init__(run, sample_fn)
+        if c.lora is None:
+            self.target = _frozen(copy.deepcopy(model.unet))
+            if run.state is not None:
+                self.target.load_state_dict(run.state["distill_target"])
+        schedule = model.config.schedule
+        self.solver_stride = schedule.num_train_timesteps // c.solver_steps
+        if self.solver_stride < 1:
+            raise CinematicError(f"solver steps ({c.solver_steps}) must not exceed the model's "
+                                 f"{schedule.num_train_timesteps} training timesteps")  # fmt: skip
+
+    @contextmanager
+    def _teaching(self):
+        """The UNet as the teacher: a LoRA student's adapters are switched off inside the block."""
+        if self.teacher is not None:
+            yield self.teacher
+            return
+        from cinematic.models import lora_adapters
+
+        adapters = list(lora_adapters.adapters_of(self.model.unet, lora_adapters.DEFAULT_NAME).values())
+        for adapter in adapters:
+            adapter.scale = 0.0
+        try:
+            yield self.model.unet
+        finally:
+            for adapter in adapters:
+                adapter.scale = 1.0
+
+    def loss(self, batch: dict[str, Any], draws: Draws) -> tuple[torch.Tensor, dict[str, float]]:
+        c, model = self.config, self.model
+        device = model.unet.conv_in.weight.device
+        prediction = model.config.schedule.prediction_type
+        b = len(batch["caption"])
+        dropped = (draws.take(lambda g, n: torch.rand(n, generator=g)) < c.caption_dropout).tolist()
+        x0 = clean_latents(model, batch, draws, device)
+        k = draws.take(lambda g, n: torch.randint(1, c.solver_steps + 1, (n,), generator=g))
+        eps = draws.take(lambda g, n: torch.randn((n, *x0.shape[1:]), generator=g)).to(device)
+        w = draws.take(lambda g, n: c.guidance_min + (c.guidance_max - c.guidance_min) * torch.rand(n, generator=g))
+        t = k * self.solver_stride - 1
+        t_prev = (t - self.solver_stride).clamp(min=0)
+        alpha_bar = self.alpha_bar
+        signal, noise = _column(alpha_bar[t].sqrt(), device), _column((1 - alpha_bar[t]).sqrt(), device)
+        signal_prev = _column(alpha_bar[t_prev].sqrt(), device)
+        noise_prev = _column((1 - alpha_bar[t_prev]).sqrt(), device)
+        x_t = signal * x0 + noise * eps
+        scalings = [boundary_scalings(float(s), c.timestep_scaling) for s in t.tolist()]
+        scalings_prev = [boundary_scalings(float(s), c.timestep_scaling) for s in t_prev.tolist()]
+        skip, out = (_column([s[i] for s in scalings], device) for i in (0, 1))
+        skip_prev, out_prev = (_column([s[i] for s in scalings_prev], device) for i in (0, 1))
+        w_dev = w.to(device, torch.float32)
+        student_w = {"guidance": w_dev} if c.guidance_embedding else {}
+        t_dev, t_prev_dev = t.to(device, torch.float32), t_prev.to(device, torch.float32)
+
+        with torch.no_grad(), self.autocast():
+            if "context" in batch:  # cached features of the captions and of ""
+                empty = batch["empty_context"].to(device)
+                keep = torch.tensor(dropped, device=device).view(b, 1, 1)
+                context = torch.where(keep, empty, batch["context"].to(device))
+            else:
+                captions = ["" if drop else caption for caption, drop in zip(batch["caption"], dropped)]
+                context = model.text_encoder(model.tokenizer(captions).to(device))
+                empty = model.text_encoder(model.tokenizer([""]).to(device))
+            empty = empty.expand(b, *context.shape[1:]) if empty.shape[0] == 1 else empty
+            # The teacher's guided DDIM step from t to t_prev (conditional and unconditional in one pass).
+            with self._teaching() as teacher:
+                both = teacher(torch.cat([x_t, x_t]), torch.cat([t_dev, t_dev]), torch.cat([context, empty])).float()
+            x0_c, eps_c = _x0_and_eps(prediction, x_t, both[:b], signal, noise)
+            x0_u, eps_u = _x0_and_eps(prediction, x_t, both[b:], signal, noise)
+            scale = _column(w, device)
+            x_prev = signal_prev * (x0_u + scale * (x0_c - x0_u)) + noise_prev * (eps_u + scale * (eps_c - eps_u))
+            # The target: the student's own consistency function one solver step earlier (an EMA of it when full).
+            target_net = self.target if self.target is not None else model.unet
+            pred_prev = target_net(x_prev, t_prev_dev, context, **student_w).float()
+            target = skip_prev * x_prev + out_prev * _x0_and_eps(prediction, x_prev, pred_prev, signal_prev,
+                                                                  noise_prev)[0]  # fmt: skip
+        with self.autocast():
+            pred = model.unet(x_t, t_dev, context, **student_w).float()
+        student = skip * x_t + out * _x0_and_eps(prediction, x_t, pred, signal, noise)[0]
+        huber = torch.sqrt((student - target) ** 2 + c.huber_c**2) - c.huber_c
+        return huber.mean(), {}
+
+    def step(self, step: int, batches: list[dict[str, Any]]) -> dict[str, float]:
+        metrics = super().step(step, batches)
+        if self.target is not None:
+            with torch.no_grad():
+                target = list(self.target.parameters())
+                student = [p.detach() for p in self.model.unet.parameters()]
+                torch._foreach_lerp_(target, student, 1.0 - self.config.target_decay)
+        return metrics
+
+    def extra_state(self) -> dict[str, Any]:
+        extra = {"distill_teacher_guidance": self.teacher_guidance}
+        if self.target is not None:
+            extra["distill_target"] = self.target.state_dict()
+        return extra
+
+    def adapter_info(self) -> dict[str, Any]:
+        from cinematic.weights.lora_formats import FEW_STEP_KEY, GUIDANCE_KEY
+
+        info: dict[str, Any] = {FEW_STEP_KEY: self.few_step, "distilled_from": str(self.config.init)}
+        if self.config.guidance_embedding:
+            info[GUIDANCE_KEY] = self.config.guidance_embedding
+        return info
+
+    def _default_sampler(self) -> SampleFn | None:
+        c = self.config
+        prompts = c.sample_prompts or first_captions(self.run.dataset, 2)
+        guidance = c.sample_guidance if c.guidance_embedding else 1.0
+        settings = {"sampler": "lcm", "timestep_scaling": float(c.timestep_scaling)}
+        return prompt_sampler(self.config.out / "samples", prompts, self.run.clip, c.sample_steps, guidance, c.seed,
+                              **settings)  # fmt: skip
+
+
+def _frozen(unet: nn.Module) -> nn.Module:
+    unet.requires_grad_(False)
+    return unet.eval()
+
+
+def _load_unet(model: str, device: torch.device) -> nn.Module:
+    """The UNet of ``model`` alone (float32), as the teacher of a resumed full student."""
+    from cinematic.models.unet3d import UNet3D
+    from cinematic.weights import open_source
+    from cinematic.weights.files import load_into
+
+    source = open_source(model)
+    with torch.device("meta"):
+        unet = UNet3D(source.config.unet)
+    load_into(unet, source.readers["unet"](torch.float32), str(source.files["unet"]), torch.float32, device)
+    return unet

@@ -1,0 +1,205 @@
+"""cinematic distill: a LoRA student loads with its few-step sampler and runs one UNet pass per step, a full
+student is a model whose defaults say the same, both resume exactly, the consistency loss is the one of
+docs/few-step.md, and bad input is one line and exit 2 with nothing written.
+
+Everything runs a tiny preset model (ε-prediction) on 4-frame 32x32 shapes clips on the CPU; the bundled shapes
+model (v-prediction, zero terminal SNR) is the teacher of the loss check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cinematic.cli import main
+from cinematic.data.shapes import ShapesDataset
+from cinematic.errors import CinematicError
+from cinematic.pipeline import Pipeline
+from cinematic.train import TrainConfig, train
+from cinematic.train.config import DistillConfig
+from cinematic.train.distill import distill
+from cinematic.weights import load
+from cinematic.weights.lora_formats import read_adapter
+from tests.factories import write_tiny_model
+
+CLIP = {"frames": 4, "height": 32, "width": 32}
+FAST = {"batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "progress": False, "save_every": 2, **CLIP}
+PROMPT = "a red circle moving left"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return write_tiny_model(tmp_path_factory.mktemp("teacher"))
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def clips() -> ShapesDataset:
+    return ShapesDataset(size=32, frames=4, length=4)
+
+
+def unet_calls(pipe: Pipeline) -> list[int]:
+    """The batch size of every UNet forward of the pipeline, from a hook (removed by the caller's ``handle``)."""
+    calls: list[int] = []
+    pipe.model.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_a_lora_student_loads_with_its_sampler_and_takes_one_pass_per_step(teacher: Path, tmp_path: Path):
+    out = distill(DistillConfig(tmp_path / "run", init=str(teacher), steps=2, lora=4, **FAST), dataset=clips())
+    assert out == tmp_path / "run" / "model"
+    info = json.loads((out / "lora.json").read_text())
+    assert info["few_step"] == {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 9.0,
+                                "timestep_scaling": 10.0}  # fmt: skip
+    assert info["guidance_embedding"] == 256 and info["targets"] == "all"
+    state, _ = read_adapter(out)
+    # Every linear layer and convolution, the guidance embedding's included; ranks capped at the layer's width.
+    assert {"conv_in", "conv_out", "time_embedding.cond_proj", "time_embedding.linear_1"} <= set(state)
+    assert state["conv_in"][0].shape[0] == 4 and state["time_embedding.cond_proj"][0].shape == (4, 256)
+
+    pipe = Pipeline.from_pretrained(teacher)
+    before = pipe.model.config.defaults
+    name = pipe.load_lora(out)
+    defaults = pipe.model.config.defaults
+    assert (defaults.sampler, defaults.num_inference_steps, defaults.guidance_scale) == ("lcm", 4, 9.0)
+    calls = unet_calls(pipe)
+    video = pipe(PROMPT, num_frames=4, seed=0, progress=False)
+    assert calls == [1, 1, 1, 1]  # 4 steps, the conditional pass alone: guidance is the embedding's input
+    assert video.metadata["sampler"] == "lcm"
+    pipe.unload_lora(name)
+    assert pipe.model.config.defaults == before and pipe.model.unet.time_embedding.cond_proj is None
+
+
+def test_a_lora_student_resumes_exactly(teacher: Path, tmp_path: Path):
+    common = {"init": str(teacher), "steps": 4, "lora": 4, **FAST}
+    straight = distill(DistillConfig(tmp_path / "straight", **common), dataset=clips())
+    assert distill(DistillConfig(tmp_path / "sliced", stop_at=2, **common), dataset=clips()).name == "checkpoint-000002"
+    sliced = distill(DistillConfig(tmp_path / "sliced", resume=True, **common), dataset=clips())
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
+    a, b = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (straight, sliced))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it learnt something
+
+
+def test_a_full_student_resumes_exactly_and_is_a_few_step_model(teacher: Path, tmp_path: Path):
+    common = {"init": str(teacher), "steps": 4, "lora": None, **FAST}
+    straight = distill(DistillConfig(tmp_path / "straight", **common), dataset=clips())
+    distill(DistillConfig(tmp_path / "sliced", stop_at=2, **common), dataset=clips())
+    state = torch.load(tmp_path / "sliced" / "checkpoint-000002" / "training_state.pt", weights_only=True)
+    assert "time_embedding.cond_proj.weight" in state["distill_target"]  # the EMA target is part of the state
+    sliced = distill(DistillConfig(tmp_path / "sliced", resume=True, **common), dataset=clips())
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight")
+    a, b = (load_file(folder / "unet.safetensors") for folder in (straight, sliced))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    model = load(straight)
+    assert model.config.unet.time_cond_proj_dim == 256
+    assert (model.config.defaults.sampler, model.config.defaults.num_inference_steps) == ("lcm", 4)
+    assert model.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # the embedding trained from zero
+    pipe = Pipeline(model)
+    calls = unet_calls(pipe)
+    pipe(PROMPT, num_frames=4, seed=0, progress=False)
+    assert calls == [1, 1, 1, 1]
+
+
+def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalings(tmp_path: Path):
+    """The loss of one clip at a fresh LoRA (the student is the teacher), rebuilt from docs/few-step.md's equations
+    with the bundled shapes model (v-prediction on a zero terminal SNR schedule) and the run's own draws."""
+    from cinematic.diffusion.denoisers import boundary_scalings
+    from cinematic.train.batches import STEP, generator
+    from cinematic.train.distill import DistillTrainer
+    from cinematic.train.distributed import StepDraws, World
+    from cinematic.train.loop import _open_run
+
+    config = DistillConfig(tmp_path / "run", init="shapes", steps=1, batch_size=1, progress=False, huber_c=0.001)
+    config.out.mkdir()
+    trainer = DistillTrainer(_open_run(config, None, None, World()), None)
+    batch = {"video": trainer.run.dataset[3]["video"][None], "caption": [trainer.run.dataset[3]["caption"]]}
+    loss, _ = trainer.loss(batch, StepDraws(generator(0, STEP, 0, 0), 1).rows(slice(0, 1)))
+
+    model, g = trainer.model, generator(0, STEP, 0, 0)
+    torch.rand(1, generator=g)  # the caption-dropout draw
+    mean, logvar = model.vae.encode_moments(batch["video"])
+    post = torch.randn((mean.shape[0], *mean.shape[1:]), generator=g, dtype=mean.dtype)
+    x0 = model.vae.posterior_latents(mean, logvar, 1, eps=post).float()
+    k = int(torch.randint(1, 51, (1,), generator=g))
+    eps = torch.randn((1, *x0.shape[1:]), generator=g)
+    w = 5.0 + 10.0 * float(torch.rand(1, generator=g))
+    t, t_prev = 20 * k - 1, max(20 * k - 21, 0)
+    ab = model.config.schedule.alpha_bar()
+    a, s = float(ab[t].sqrt()), float((1 - ab[t]).sqrt())
+    a_prev, s_prev = float(ab[t_prev].sqrt()), float((1 - ab[t_prev]).sqrt())
+    x_t = a * x0 + s * eps
+    with torch.no_grad():  # a fresh adapter adds nothing (its up is zero), nor does the zero guidance embedding
+        context = model.text_encoder(model.tokenizer(batch["caption"]))
+        empty = model.text_encoder(model.tokenizer([""]))
+        v_c, v_u = model.unet(x_t, float(t), context), model.unet(x_t, float(t), empty)
+    x0_c, x0_u = a * x_t - s * v_c, a * x_t - s * v_u  # v-prediction
+    e_c, e_u = s * x_t + a * v_c, s * x_t + a * v_u
+    x_prev = a_prev * (x0_u + w * (x0_c - x0_u)) + s_prev * (e_u + w * (e_c - e_u))
+    with torch.no_grad():
+        v_student = model.unet(x_t, float(t), context, guidance=w)
+        v_target = model.unet(x_prev, float(t_prev), context, guidance=w)
+    skip, out = boundary_scalings(t, 10.0)
+    skip_prev, out_prev = boundary_scalings(t_prev, 10.0)
+    student = skip * x_t + out * (a * x_t - s * v_student)
+    target = skip_prev * x_prev + out_prev * (a_prev * x_prev - s_prev * v_target)
+    expected = (torch.sqrt((student - target) ** 2 + 0.001**2) - 0.001).mean()
+    assert torch.allclose(loss.detach(), expected, rtol=1e-4, atol=1e-7), (float(loss), float(expected))
+    assert float(loss.detach()) > 1e-4  # one solver step apart: the student does not yet agree with itself
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--guidance-range", "9", "5"], ["guidance range", "MIN <= MAX"]),
+        (["--full", "--lora", "8"], ["--full", "--lora"]),
+        (["--solver-steps", "0"], ["solver steps", "from 1 to 1000"]),
+        (["--timestep-scaling", "0"], ["timestep scaling must be positive"]),
+        (["--steps", "0"], ["steps must be an integer of at least 1"]),
+    ],
+)
+def test_bad_settings_are_one_line_and_write_nothing(teacher: Path, tmp_path: Path, capsys, extra, words):
+    out = tmp_path / "run"
+    code, err = run_cli(["distill", "--model", str(teacher), "--out", str(out), *extra], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(word in err for word in words), err
+    assert not out.exists()
+
+
+def test_a_missing_teacher_and_a_mixed_resume_are_one_line(teacher: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["distill", "--model", str(tmp_path / "nowhere"), "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "nowhere" in err and not out.exists(), err
+
+    trained = tmp_path / "trained"
+    train(TrainConfig(trained, init=str(teacher), steps=1, **FAST), dataset=clips())
+    with pytest.raises(CinematicError, match="is from a cinematic train run; continue it with cinematic train"):
+        distill(DistillConfig(trained, init=str(teacher), steps=2, resume=True, **FAST), dataset=clips())
+    distilled = tmp_path / "distilled"
+    distill(DistillConfig(distilled, init=str(teacher), steps=1, lora=2, **FAST), dataset=clips())
+    with pytest.raises(CinematicError, match="is from a cinematic distill run; continue it with cinematic distill"):
+        train(TrainConfig(distilled, init=str(teacher), steps=2, resume=True, lora=2, **FAST), dataset=clips())
+    with pytest.raises(CinematicError, match="was distilled with"):
+        distill(DistillConfig(distilled, init=str(teacher), steps=2, lora=2, resume=True, huber_c=0.1, **FAST))
+    # A student cannot be the teacher: it already has a guidance embedding.
+    full = distill(DistillConfig(tmp_path / "full", init=str(teacher), steps=1, lora=None, **FAST), dataset=clips())
+    with pytest.raises(CinematicError, match="already has a guidance embedding"):
+        distill(DistillConfig(tmp_path / "again", init=str(full), steps=1, **FAST), dataset=clips())
