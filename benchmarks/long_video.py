@@ -13,6 +13,11 @@ Three measurements, printed as a table and optionally written as JSON:
    Beside them, ``--frames`` frames in one piece (``window=0``), to show what the windows save.
 
     .venv/bin/python benchmarks/long_video.py --json build/long-video.json
+
+``--fusion`` replaces, in this process only, how the windows' predictions are combined (the consistency measurement
+alone; see FUSIONS), to compare the library's plain mean with the schedules docs/video-to-video.md reports:
+
+    .venv/bin/python benchmarks/long_video.py --fusion tent --seeds 4 --skip switch memory --json build/tent.json
 """
 
 from __future__ import annotations
@@ -25,6 +30,50 @@ import time
 from pathlib import Path
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+FUSIONS = {
+    "mean": "the library's: windows every W/2 frames, each frame the plain mean of the windows holding it",
+    "tent": "windows every W/2 frames, each frame weighted by min(i + 1, W - i), i its place in the window "
+    "(FreeNoise-style; the library's fusion before session 12)",
+    "tent-squared": "windows every W/2 frames, the tent weight squared",
+    "round-robin-8": "non-overlapping windows (shorter ones at the ends), their offset alternating 0 / W/2 frames "
+    "from step to step; no averaging",
+    "round-robin-4": "non-overlapping windows, their offset advancing W/4 frames every step; no averaging",
+}
+
+
+def use_fusion(name: str) -> None:
+    """Make every :class:`cinematic.diffusion.windows.WindowedEps` of this process fuse as ``name`` (FUSIONS). For
+    one prompt per video, as the consistency measurement has, every window's network is the same, so the round-robin
+    schedules may place windows anywhere."""
+    import torch
+
+    from cinematic.diffusion.windows import WindowedEps
+
+    if name == "mean":
+        return
+
+    def weighted(self, x, t):
+        total, weight = torch.zeros_like(x), torch.zeros((1, 1, x.shape[2], 1, 1), dtype=x.dtype, device=x.device)
+        place = torch.arange(self.window, dtype=x.dtype, device=x.device)
+        tent = torch.minimum(place + 1, self.window - place).view(1, 1, -1, 1, 1)
+        tent = tent**2 if name == "tent-squared" else tent
+        for model, s in zip(self.models, self.starts):
+            total[:, :, s : s + self.window] += tent * model(x[:, :, s : s + self.window], t)
+            weight[:, :, s : s + self.window] += tent
+        return total / weight
+
+    def round_robin(self, x, t):
+        step = getattr(self, "_steps", 0)
+        self._steps = step + 1
+        shift = self.window // 2 if name == "round-robin-8" else self.window // 4
+        offset = (step * shift) % self.window if name == "round-robin-4" else (step % 2) * shift
+        edges = sorted({0, x.shape[2], *range(offset, x.shape[2], self.window)})
+        out = torch.empty_like(x)
+        for a, b in zip(edges, edges[1:]):
+            out[:, :, a:b] = self.models[0](x[:, :, a:b], t)
+        return out
+
+    WindowedEps.__call__ = round_robin if name.startswith("round-robin") else weighted
 
 
 def captions_for(count: int) -> list[str]:
@@ -106,17 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--memory-size", type=int, default=256, help="frame size of the second memory row")
     parser.add_argument("--skip", nargs="*", default=[], choices=["consistency", "switch", "memory"])
+    parser.add_argument("--fusion", choices=list(FUSIONS), default="mean", help="how windows combine (see FUSIONS)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.fusion != "mean" and {"switch", "memory"} - set(args.skip):
+        parser.error("--fusion other than mean measures consistency alone: add --skip switch memory")
 
     import torch
 
     from cinematic.pipeline import Pipeline
 
     torch.set_num_threads(1)
+    use_fusion(args.fusion)
     pipe = Pipeline.from_pretrained(args.model)
     captions = captions_for(args.captions)
-    report: dict = {"settings": vars(args) | {"json": None, "captions": captions}}
+    report: dict = {"settings": vars(args) | {"json": None, "captions": captions, "fusion_means": FUSIONS[args.fusion]}}
     began = time.perf_counter()
     if "consistency" not in args.skip:
         report["consistency"] = consistency(pipe, captions, args.seeds, args.frames, args.steps)

@@ -11,9 +11,9 @@ from the parameter counts of the full-size networks (built on the ``meta`` devic
   device for the CPU;
 - ``--fsdp`` over N devices: each device holds 1/N of the trained networks' weights, gradients, optimizer state and
   EMA (frozen networks are not sharded), plus one block's gathered weights at a time, left out here;
-- distillation (``cinematic distill``, its own issue) as T2V-Turbo and MCM train it (docs/training.md#memory): a
-  frozen teacher UNet beside a trained student (a full copy, its EMA target being the EMA copy above), or LoRA on
-  every linear and convolution layer of one UNet that serves as teacher with the adapters off.
+- distillation (``cinematic distill``, ``train/distill.py``): a frozen teacher UNet beside a trained full student and
+  its EMA target network (a third float32 copy, apart from the EMA copy that is saved; ``--fsdp`` is refused), or LoRA
+  on every linear and convolution layer of one UNet that serves as teacher with the adapters off.
 
 ``--gradient-checkpointing`` and bf16 autocast change activations only, which depend on the clip size and are not
 computed here.
@@ -81,12 +81,12 @@ def cases(n: dict[str, int]) -> list[Case]:
         Case("full fine-tune, UNet (--train unet)", n["unet"], {"text": n["text"], "vae": n["vae"]}, frozen_text, True),
         Case("full fine-tune, UNet + text (the default)", n["unet"] + n["text"], {"vae": n["vae"]}, ("vae",), True),
         Case("LoRA rank 16, attention (--lora 16)", n["lora16"], base, frozen_text, False),
-        Case(
-            "distillation, full student + teacher",
+        Case(  # the teacher and the EMA target are whole frozen copies; distill refuses --fsdp
+            "distillation, full student + teacher + target",
             n["unet"],
-            {**base, "unet": 0, "teacher": n["unet"]},
+            {**base, "unet": 0, "teacher": n["unet"], "target": n["unet"]},
             frozen_text,
-            True,
+            False,
         ),
         Case("distillation, LoRA rank 32 on every layer", n["lora32_every"], base, frozen_text, False),
     ]

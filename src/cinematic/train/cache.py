@@ -101,7 +101,7 @@ def cached_dataset(
 ) -> CachedClips:
     """Fill the cache with the items of ``plan`` (the whole run's, all ranks') and return the dataset that reads
     it; every rank returns once all of them have written their share."""
-    text = "text" not in config.trained_parts()
+    text = config.lora is not None or "text" not in config.trained_parts()  # a LoRA run adapts the UNet alone
     cache = LatentCache(Path(config.cache_latents).expanduser(), cache_key(model, dataset, clip, text), text)
     if world.is_main:
         try:

@@ -167,8 +167,8 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Data, checkpoints, samples and --resume work as in cinematic train.",
     )
     run = _run_group(parser, option)
-    run.add_argument("--model", dest="init", required=True, help="the teacher: a folder in any layout, bundled name "
-                     "or hub id")  # fmt: skip
+    run.add_argument("--model", dest="init", required=True, metavar="MODEL", help="the teacher: a folder in any "
+                     "layout, bundled name or hub id")  # fmt: skip
     student = parser.add_argument_group("student")
     option(student, "--lora", "a LoRA of this rank on every linear layer and convolution of the UNet", type=int,
            metavar="RANK")  # fmt: skip
@@ -183,7 +183,8 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     option(student, "--huber-c", "c of the pseudo-Huber loss", type=float)
     option(student, "--target-decay", "--full: the target is an EMA of the student with this decay", type=float)
     _data_group(parser, option)
-    _optimisation_group(parser, option)
+    opt = _optimisation_group(parser, option)
+    option(opt, "--cache-latents", "compute VAE latents and text features once into DIR, reuse them", metavar="DIR")
     _checkpoint_group(parser, option)
     parser.set_defaults(run=cmd_distill)
     return parser
