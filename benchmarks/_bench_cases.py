@@ -187,7 +187,7 @@ def cinematic_generation(spec: dict[str, Any]) -> None:
             device,
         )
     if mode.get("few_step"):
-        _merge_random_turbo_lora(pipe, spec)
+        _merge_random_turbo_lora(pipe)
     guidance = mode.get("guidance", GUIDANCE)
     single_pass = guidance == 1.0 or mode.get("few_step", False)
 
@@ -229,7 +229,7 @@ def cinematic_generation(spec: dict[str, Any]) -> None:
           "plan": plan, **clock.result(encode_flops), **_memory(device, monitor)})  # fmt: skip
 
 
-def _merge_random_turbo_lora(pipe, spec: dict[str, Any]) -> None:
+def _merge_random_turbo_lora(pipe) -> None:
     """Load a random T2V-Turbo-MS-shaped list (rank 32 over every layer, with the guidance embedding) merged, as
     ``--lora unet_lora.pt --lora-merge`` does; outside the timed load. The sampler becomes the student's (lcm)."""
     import tempfile

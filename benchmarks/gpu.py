@@ -12,7 +12,7 @@ It measures, on the model folders that ``load.py`` writes (fp16 files, one set o
   cinematic under ``torch.compile`` (with and without the graph); the relative error of each against diffusers'
   output on the same inputs;
 - whole videos, prompt to uint8 frames: diffusers' default (DDIM 50) against cinematic at DDIM 50 and at
-  DPM-Solver++ 25, eager and with CUDA graphs.
+  DPM-Solver++ 25, eager and with CUDA graphs, and a 4-step student (a random T2V-Turbo-MS-shaped LoRA, merged).
 
 GPU times come from ``torch.cuda.synchronize`` around each call. bench.py remains the CPU harness (every case in a
 fresh process, peak RSS, FLOPs); on a GPU the step is milliseconds and one process keeps the comparison within one
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.test_fewstep_unet makes the student's LoRA
 
 from _bench_cases import _sync  # noqa: E402
 from _common import markdown_table  # noqa: E402
@@ -235,6 +236,17 @@ def video_rows(args, theirs, ours, device) -> list[dict[str, Any]]:
             lambda n: ours_video(n, "dpmpp_2m", guidance_stop=0.8),
             25,
         )
+        ours.accelerate()
+    # A 4-step student (issue 24): a random T2V-Turbo-MS-shaped list merged into the weights, sampled as loaded (lcm,
+    # one pass per step, guidance 9 as the embedding's input). Last, since it changes the pipeline's weights.
+    from _bench_cases import _merge_random_turbo_lora
+
+    _merge_random_turbo_lora(ours)
+    add("cinematic, 4-step student (lcm)", lambda n: ours(PROMPT, steps=n, seed=0, progress=False, **size), 4)
+    if device.type == "cuda":
+        ours.accelerate(cuda_graphs=True)
+        add("cinematic, 4-step student (lcm), CUDA graphs", lambda n: ours(PROMPT, steps=n, seed=0, progress=False,
+                                                                         **size), 4)  # fmt: skip
         ours.accelerate()
     return rows
 
