@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cinematic.weights import BUNDLED_DIR
+from recipes.train_shapes import install
 
 REPO = Path(__file__).resolve().parents[1]
 DEST = BUNDLED_DIR / "shapes-turbo"
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         spent += time.perf_counter() - began
         timing.write_text(json.dumps({"seconds": spent}) + "\n")
 
-    if args.dest.exists():
-        shutil.rmtree(args.dest)
-    args.dest.mkdir(parents=True)
-    for name in ("pytorch_lora_weights.safetensors", "lora.json"):
-        shutil.copyfile(final / name, args.dest / name)
+    install(final, args.dest)  # OUT/model: the adapter and its lora.json, without the training state
     recipe = {
         "command": "scripts/distill_shapes",
         "equivalent": command(Path("build/shapes-turbo/run"), settings),

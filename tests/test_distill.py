@@ -51,7 +51,7 @@ def clips() -> ShapesDataset:
 
 
 def unet_calls(pipe: Pipeline) -> list[int]:
-    """The batch size of every UNet forward of the pipeline, from a hook (removed by the caller's ``handle``)."""
+    """The batch size of every UNet forward of the pipeline from now on (a forward hook on its UNet)."""
     calls: list[int] = []
     pipe.model.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     return calls

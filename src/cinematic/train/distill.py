@@ -88,7 +88,9 @@ class DistillTrainer(Trainer):
                 add_guidance_embedding(model.unet, c.guidance_embedding, "distill")
             teacher_guidance = defaults.guidance_scale
         else:  # a full student resumed: its checkpoint holds the student; the teacher is loaded again
-            self.teacher = _frozen(_load_unet(c.init, run.device))
+            from cinematic.train.setup import load_network
+
+            self.teacher = _frozen(load_network(c.init, "unet", run.device)[0])
             teacher_guidance = run.state["distill_teacher_guidance"]
         self.teacher_guidance = teacher_guidance
         self.few_step = {
@@ -119,14 +121,11 @@ class DistillTrainer(Trainer):
             return
         from cinematic.models import lora_adapters
 
-        adapters = list(lora_adapters.adapters_of(self.model.unet, lora_adapters.DEFAULT_NAME).values())
-        for adapter in adapters:
-            adapter.scale = 0.0
+        lora_adapters.set_scale(self.model.unet, lora_adapters.DEFAULT_NAME, 0.0)
         try:
             yield self.model.unet
         finally:
-            for adapter in adapters:
-                adapter.scale = 1.0
+            lora_adapters.set_scale(self.model.unet, lora_adapters.DEFAULT_NAME, 1.0)
 
     def loss(self, batch: dict[str, Any], draws: Draws) -> tuple[torch.Tensor, dict[str, float]]:
         c, model = self.config, self.model
@@ -216,16 +215,3 @@ class DistillTrainer(Trainer):
 def _frozen(unet: nn.Module) -> nn.Module:
     unet.requires_grad_(False)
     return unet.eval()
-
-
-def _load_unet(model: str, device: torch.device) -> nn.Module:
-    """The UNet of ``model`` alone (float32), as the teacher of a resumed full student."""
-    from cinematic.models.unet3d import UNet3D
-    from cinematic.weights import open_source
-    from cinematic.weights.files import load_into
-
-    source = open_source(model)
-    with torch.device("meta"):
-        unet = UNet3D(source.config.unet)
-    load_into(unet, source.readers["unet"](torch.float32), str(source.files["unet"]), torch.float32, device)
-    return unet

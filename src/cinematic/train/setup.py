@@ -75,17 +75,19 @@ def fresh_model(model_config: ModelConfig, captions: Sequence[str], tokenizer: s
     return Model(model_config, unet, text_encoder, vae, vocab, source="", format="cinematic")
 
 
-def load_vae(model: str, device: torch.device) -> tuple[nn.Module, ModelConfig]:
-    """The VAE (float32) and config of another model, read without loading its other networks."""
+def load_network(model: str, name: str, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+    """One network (``"unet"`` or ``"vae"``, float32) and the config of another model, read without loading its
+    other networks."""
+    from cinematic.models.unet3d import UNet3D
     from cinematic.models.vae import VAE
     from cinematic.weights import open_source
     from cinematic.weights.files import load_into
 
     source = open_source(model)
     with torch.device("meta"):
-        vae = VAE(source.config.vae)
-    load_into(vae, source.readers["vae"](torch.float32), str(source.files["vae"]), torch.float32, device)
-    return vae, source.config
+        network = UNet3D(source.config.unet) if name == "unet" else VAE(source.config.vae)
+    load_into(network, source.readers[name](torch.float32), str(source.files[name]), torch.float32, device)
+    return network, source.config
 
 
 def starting_model(config: TrainConfig, captions: Sequence[str], device: torch.device) -> tuple[Model, bool]:
@@ -105,7 +107,7 @@ def starting_model(config: TrainConfig, captions: Sequence[str], device: torch.d
     else:
         model = load(config.init, device=device, dtype=torch.float32, tokenizer=config.tokenizer)
     if config.vae is not None:
-        model.vae, vae_source = load_vae(config.vae, device)
+        model.vae, vae_source = load_network(config.vae, "vae", device)
         model.config = dataclasses.replace(model.config, vae=vae_source.vae)
     check_tokenizer(model)
     return model, fresh
