@@ -13,7 +13,8 @@ from the parameter counts of the full-size networks (built on the ``meta`` devic
   EMA (frozen networks are not sharded), plus one block's gathered weights at a time, left out here;
 - distillation (``cinematic distill``, ``train/distill.py``): a frozen teacher UNet beside a trained full student and
   its EMA target network (a third float32 copy, apart from the EMA copy that is saved; ``--fsdp`` is refused), or LoRA
-  on every linear and convolution layer of one UNet that serves as teacher with the adapters off.
+  on every linear and convolution layer of one UNet that serves as teacher with the adapters off, with a second,
+  frozen adapter of the same size as its EMA target.
 
 ``--gradient-checkpointing`` and bf16 autocast change activations only, which depend on the clip size and are not
 computed here.
@@ -88,7 +89,13 @@ def cases(n: dict[str, int]) -> list[Case]:
             frozen_text,
             False,
         ),
-        Case("distillation, LoRA rank 32 on every layer", n["lora32_every"], base, frozen_text, False),
+        Case(  # the EMA target is a second adapter of the same size on the same UNet
+            "distillation, LoRA rank 32 on every layer",
+            n["lora32_every"],
+            {**base, "target": n["lora32_every"]},
+            frozen_text,
+            False,
+        ),
     ]
 
 

@@ -28,15 +28,15 @@ WORK = REPO / "build" / "shapes-turbo"
 THREADS = 2
 
 # DistillConfig fields; everything not named keeps its default (a rank-32 LoRA on every layer, which at the shapes
-# model's 48 and 64 channels is close to full rank; a 256-wide guidance embedding; timestep scaling 10;
-# pseudo-Huber c = 0.001). Two departures from the defaults, for a run that must converge in about 30 minutes of
-# CPU: guidance drawn around the teacher's default of 9 only, and a 25-step solver grid (one solver step spans 40
-# timesteps, so the consistency target travels the grid in half the hops; 999, 759, 519 and 279, the 4-step
-# sampler's timesteps, are on it). A first run with the defaults (50 solver steps, guidance 5 to 15) got shapes right
-# in 57.5% of one seed's videos after 600 and after 800 of 1200 steps (docs/few-step.md).
+# model's 48 and 64 channels is close to full rank; a 256-wide guidance embedding; an EMA target of decay 0.95;
+# timestep scaling 10; pseudo-Huber c = 0.001). Guidance is drawn around the teacher's default of 9 only, and the
+# solver grid has 25 steps (one solver step spans 40 timesteps, so the consistency target travels the grid in half
+# the hops of the default 50; 999, 759, 519 and 279, the 4-step sampler's timesteps, are on it). The run is short on
+# purpose: judged every 100 steps, this student is best after 100 to 200 steps and gets worse with longer training
+# (a 1000-step run ends at 74% all correct against 92% at step 200; docs/few-step.md), which is still unexplained.
 SETTINGS: dict[str, Any] = {
     "data": "shapes",
-    "steps": 1000,
+    "steps": 200,
     "solver_steps": 25,
     "guidance_min": 7.0,
     "guidance_max": 11.0,
@@ -44,6 +44,7 @@ SETTINGS: dict[str, Any] = {
     "lr": 5e-4,
     "warmup_steps": 50,
     "ema_decay": 0.99,
+    "target_decay": 0.95,
     "save_every": 100,
     "seed": 0,
     "save_dtype": "fp16",

@@ -142,15 +142,35 @@ def test_cached_latents_and_features_give_the_uncached_loss(teacher: Path, tmp_p
     torch.testing.assert_close(losses(tmp_path / "cached"), losses(tmp_path / "plain"), rtol=1e-5, atol=0)
 
 
-def test_a_lora_student_resumes_exactly(teacher: Path, tmp_path: Path):
-    common = {"init": str(teacher), "steps": 4, "lora": 4, **FAST}
+@pytest.mark.parametrize("target_decay", [0.95, 0.0], ids=["ema-target", "own-target"])
+def test_a_lora_student_resumes_exactly(teacher: Path, tmp_path: Path, target_decay: float):
+    common = {"init": str(teacher), "steps": 4, "lora": 4, "target_decay": target_decay, **FAST}
     straight = distill(DistillConfig(tmp_path / "straight", **common), dataset=clips())
     assert distill(DistillConfig(tmp_path / "sliced", stop_at=2, **common), dataset=clips()).name == "checkpoint-000002"
+    state = torch.load(tmp_path / "sliced" / "checkpoint-000002" / "training_state.pt", weights_only=True)
+    adapter = state["networks"]["unet"]
+    if target_decay:  # the EMA target is a second adapter on the same layers, kept in the state beside the student's
+        assert {k.replace(".target.", ".default.") for k in state["distill_target"]} == set(adapter)
+        assert not any(torch.equal(state["distill_target"][k.replace(".default.", ".target.")], v)
+                       for k, v in adapter.items() if ".up." in k)  # it lags the student  # fmt: skip
+    else:
+        assert "distill_target" not in state
     sliced = distill(DistillConfig(tmp_path / "sliced", resume=True, **common), dataset=clips())
     assert losses(tmp_path / "sliced") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
     a, b = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (straight, sliced))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it learnt something
+    assert not any(".target." in k for k in a)  # the file holds the student alone
+
+
+def test_the_ema_target_lags_the_student_and_an_own_target_does_not(teacher: Path, tmp_path: Path):
+    runs = {
+        decay: losses(distill(DistillConfig(tmp_path / str(decay), init=str(teacher), steps=2, lora=4,
+                                            target_decay=decay, **FAST), dataset=clips()).parent)
+        for decay in (0.95, 0.0)
+    }  # fmt: skip
+    assert runs[0.95][0] == runs[0.0][0]  # the target starts as the student
+    assert runs[0.95][1] != runs[0.0][1]  # after an update the EMA target is still mostly the old student
 
 
 def test_a_full_student_resumes_exactly_and_is_a_few_step_model(teacher: Path, tmp_path: Path):

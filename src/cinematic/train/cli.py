@@ -181,7 +181,8 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     option(student, "--solver-steps", "the teacher's DDIM grid (one solver step = 1000 / N timesteps)", type=int)
     option(student, "--timestep-scaling", "of the consistency boundary scalings", type=float)
     option(student, "--huber-c", "c of the pseudo-Huber loss", type=float)
-    option(student, "--target-decay", "--full: the target is an EMA of the student with this decay", type=float)
+    option(student, "--target-decay", "the target is an EMA of the student with this decay (0: the student "
+           "itself, as LCM-LoRA)", type=float)  # fmt: skip
     _data_group(parser, option)
     opt = _optimisation_group(parser, option)
     option(opt, "--cache-latents", "compute VAE latents and text features once into DIR, reuse them", metavar="DIR")

@@ -216,7 +216,7 @@ class DistillConfig(TrainConfig):
     own settings. Defaults that differ from ``train``'s: a rank-32 LoRA on every layer, no caption dropout, no UNet
     dropout (the teacher's passes and the target's must see the network the student trains), 4-step samples."""
 
-    lora: int | None = 32  # None: the student is a full copy of the teacher's UNet, with an EMA target
+    lora: int | None = 32  # None: the student is a full copy of the teacher's UNet
     lora_targets: str = "all"
     caption_dropout: float = 0.0
     dropout: float | None = 0.0
@@ -228,7 +228,7 @@ class DistillConfig(TrainConfig):
     solver_steps: int = 50  # the teacher's DDIM grid; one solver step spans num_train_timesteps / solver_steps
     timestep_scaling: float = 10.0  # of the boundary scalings (10: T2V-Turbo and LCM; 4: MCM)
     huber_c: float = 0.001  # the pseudo-Huber loss's c
-    target_decay: float = 0.95  # a full student's target: an EMA of the student with this decay
+    target_decay: float = 0.95  # the target is an EMA of the student with this decay; 0: the student itself
 
     def __post_init__(self) -> None:
         if self.init is None:

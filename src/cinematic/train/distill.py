@@ -18,8 +18,11 @@ The student sees ``w`` through a guidance embedding (``guidance_embedding`` wide
 ``time_cond_proj_dim``, started at zero), so each of its steps is one UNet pass at any guidance scale; with
 ``guidance_embedding=0`` it learns the teacher guided at ``w`` (give one value as the range) without seeing it.
 
-The student is the teacher plus a LoRA on every linear layer and convolution (the default; the target is the
-student itself, as in LCM-LoRA), or with ``lora=None`` a full copy whose target is an EMA of it (``target_decay``).
+The student is the teacher plus a LoRA on every linear layer and convolution (the default), or with ``lora=None`` a
+full copy. Its target is an EMA of it (``target_decay``, 0.95, as LCM's full students: a frozen copy of the UNet, or
+for a LoRA student a second adapter on the same layers), or with ``target_decay=0`` the student itself without
+gradient (as LCM-LoRA); on the shapes model the EMA target judged better early in a run (docs/few-step.md).
+
 A LoRA run writes checkpoints that ``generate --lora`` loads; their ``lora.json`` carries the sampler settings the
 student was made for (``lcm``, 4 steps, the teacher's guidance, this run's timestep scaling) and its guidance
 embedding, so the student needs no flags. A full run writes models whose defaults say the same.
@@ -42,6 +45,8 @@ from cinematic.train.config import FEW_STEPS, DistillConfig
 from cinematic.train.distributed import Draws
 from cinematic.train.loop import Trainer, first_captions, run_training
 from cinematic.train.unet import SampleFn, clean_latents, prompt_sampler
+
+TARGET_ADAPTER = "target"  # a LoRA student's EMA target: a second adapter on the student's layers
 
 
 def distill(config: DistillConfig, *, dataset: VideoDataset | None = None, sample_fn: SampleFn | None = None):
@@ -68,12 +73,13 @@ def _column(values: list[float] | torch.Tensor, device: torch.device) -> torch.T
 
 class DistillTrainer(Trainer):
     """A :class:`cinematic.train.loop.Trainer` whose loss is the consistency loss, with the teacher beside the
-    student and, for a full student, the EMA target."""
+    student and the EMA target."""
 
     def __init__(self, run: Any, sample_fn: SampleFn | None):
         c, model = run.config, run.model
         self.teacher: nn.Module | None = None  # a separate teacher (full student); a LoRA student's is itself
-        self.target: nn.Module | None = None
+        self.target: nn.Module | None = None  # a full student's EMA target (a LoRA student's is an adapter)
+        self.target_pairs: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}  # EMA: name -> (target, student)
         defaults = model.config.defaults
         if run.state is None or c.lora is not None:  # the model is the teacher (a LoRA run resumes on it too)
             if model.unet.config.time_cond_proj_dim is not None:
@@ -103,15 +109,55 @@ class DistillTrainer(Trainer):
         if c.lora is None:  # the saved models are students: their defaults are the few-step sampler's
             model.config = dataclasses.replace(model.config, defaults=dataclasses.replace(defaults, **self.few_step))
         super().__init__(run, sample_fn)
-        if c.lora is None:
-            self.target = _frozen(copy.deepcopy(model.unet))
-            if run.state is not None:
-                self.target.load_state_dict(run.state["distill_target"])
+        if c.target_decay > 0:
+            self._add_target(run.state)
         schedule = model.config.schedule
         self.solver_stride = schedule.num_train_timesteps // c.solver_steps
         if self.solver_stride < 1:
             raise CinematicError(f"solver steps ({c.solver_steps}) must not exceed the model's "
                                  f"{schedule.num_train_timesteps} training timesteps")  # fmt: skip
+
+    def _add_target(self, state: dict[str, Any] | None) -> None:
+        """The EMA target, started at the student (or at the resumed run's target). A full student's is a frozen
+        copy of the UNet; a LoRA student's is a second adapter on the same layers (:data:`TARGET_ADAPTER`, at scale 0
+        outside the target's pass), so it costs the adapters' memory, not another UNet's."""
+        from cinematic.models import lora_adapters
+
+        unet = self.model.unet
+        student = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        if self.config.lora is None:
+            self.target = _frozen(copy.deepcopy(unet))
+            target = dict(self.target.named_parameters())
+            self.target_pairs = {n: (target[n], p) for n, p in student.items()}
+        else:
+            adapter = {k: (d.clone(), u.clone(), a) for k, (d, u, a) in lora_adapters.adapter_state(unet).items()}
+            lora_adapters.load_adapter(unet, adapter, TARGET_ADAPTER, scale=0.0, what="the EMA target")
+            target = dict(unet.named_parameters())
+            names = {n: n.replace(f".{lora_adapters.DEFAULT_NAME}.", f".{TARGET_ADAPTER}.") for n in student}
+            self.target_pairs = {names[n]: (target[names[n]], p) for n, p in student.items()}
+        for name, (parameter, _) in self.target_pairs.items():
+            parameter.requires_grad_(False)
+            if state is not None:
+                with torch.no_grad():
+                    parameter.copy_(state["distill_target"][name])
+
+    @contextmanager
+    def _as_target(self):
+        """The network of the consistency target: the EMA copy, the UNet with the target adapter switched in for the
+        student's, or (``target_decay=0``) the student itself."""
+        if self.target is not None or not self.target_pairs:
+            yield self.target if self.target is not None else self.model.unet
+            return
+        from cinematic.models import lora_adapters
+
+        unet = self.model.unet
+        lora_adapters.set_scale(unet, lora_adapters.DEFAULT_NAME, 0.0)
+        lora_adapters.set_scale(unet, TARGET_ADAPTER, 1.0)
+        try:
+            yield unet
+        finally:
+            lora_adapters.set_scale(unet, TARGET_ADAPTER, 0.0)
+            lora_adapters.set_scale(unet, lora_adapters.DEFAULT_NAME, 1.0)
 
     @contextmanager
     def _teaching(self):
@@ -169,9 +215,9 @@ class DistillTrainer(Trainer):
             x0_u, eps_u = _x0_and_eps(prediction, x_t, both[b:], signal, noise)
             scale = _column(w, device)
             x_prev = signal_prev * (x0_u + scale * (x0_c - x0_u)) + noise_prev * (eps_u + scale * (eps_c - eps_u))
-            # The target: the student's own consistency function one solver step earlier (an EMA of it when full).
-            target_net = self.target if self.target is not None else model.unet
-            pred_prev = target_net(x_prev, t_prev_dev, context, **student_w).float()
+            # The target: the student's consistency function one solver step earlier (its EMA, or itself).
+            with self._as_target() as target_net:
+                pred_prev = target_net(x_prev, t_prev_dev, context, **student_w).float()
             target = skip_prev * x_prev + out_prev * _x0_and_eps(prediction, x_prev, pred_prev, signal_prev,
                                                                   noise_prev)[0]  # fmt: skip
         with self.autocast():
@@ -182,17 +228,16 @@ class DistillTrainer(Trainer):
 
     def step(self, step: int, batches: list[dict[str, Any]]) -> dict[str, float]:
         metrics = super().step(step, batches)
-        if self.target is not None:
+        if self.target_pairs:
             with torch.no_grad():
-                target = list(self.target.parameters())
-                student = [p.detach() for p in self.model.unet.parameters()]
-                torch._foreach_lerp_(target, student, 1.0 - self.config.target_decay)
+                target, student = zip(*self.target_pairs.values())
+                torch._foreach_lerp_(list(target), [p.detach() for p in student], 1.0 - self.config.target_decay)
         return metrics
 
     def extra_state(self) -> dict[str, Any]:
         extra = {"distill_teacher_guidance": self.teacher_guidance}
-        if self.target is not None:
-            extra["distill_target"] = self.target.state_dict()
+        if self.target_pairs:
+            extra["distill_target"] = {name: target.detach().clone() for name, (target, _) in self.target_pairs.items()}
         return extra
 
     def adapter_info(self) -> dict[str, Any]:
