@@ -148,16 +148,8 @@ class DistillTrainer(Trainer):
         if self.target is not None or not self.target_pairs:
             yield self.target if self.target is not None else self.model.unet
             return
-        from cinematic.models import lora_adapters
-
-        unet = self.model.unet
-        lora_adapters.set_scale(unet, lora_adapters.DEFAULT_NAME, 0.0)
-        lora_adapters.set_scale(unet, TARGET_ADAPTER, 1.0)
-        try:
+        with self._only_adapter(TARGET_ADAPTER) as unet:
             yield unet
-        finally:
-            lora_adapters.set_scale(unet, TARGET_ADAPTER, 0.0)
-            lora_adapters.set_scale(unet, lora_adapters.DEFAULT_NAME, 1.0)
 
     @contextmanager
     def _teaching(self):
@@ -165,13 +157,25 @@ class DistillTrainer(Trainer):
         if self.teacher is not None:
             yield self.teacher
             return
+        with self._only_adapter(None) as unet:
+            yield unet
+
+    @contextmanager
+    def _only_adapter(self, name: str | None):
+        """A LoRA student's UNet with adapter ``name`` alone switched on (None: none, the teacher) inside the block;
+        afterwards the student's adapter is on and the target's (when there is one) off again."""
         from cinematic.models import lora_adapters
 
-        lora_adapters.set_scale(self.model.unet, lora_adapters.DEFAULT_NAME, 0.0)
+        unet, student = self.model.unet, lora_adapters.DEFAULT_NAME
+        lora_adapters.set_scale(unet, student, 0.0)
+        if name is not None:
+            lora_adapters.set_scale(unet, name, 1.0)
         try:
-            yield self.model.unet
+            yield unet
         finally:
-            lora_adapters.set_scale(self.model.unet, lora_adapters.DEFAULT_NAME, 1.0)
+            if name is not None:
+                lora_adapters.set_scale(unet, name, 0.0)
+            lora_adapters.set_scale(unet, student, 1.0)
 
     def loss(self, batch: dict[str, Any], draws: Draws) -> tuple[torch.Tensor, dict[str, float]]:
         c, model = self.config, self.model
@@ -237,7 +241,7 @@ class DistillTrainer(Trainer):
     def extra_state(self) -> dict[str, Any]:
         extra = {"distill_teacher_guidance": self.teacher_guidance}
         if self.target_pairs:
-            extra["distill_target"] = {name: target.detach().clone() for name, (target, _) in self.target_pairs.items()}
+            extra["distill_target"] = {name: target.detach() for name, (target, _) in self.target_pairs.items()}
         return extra
 
     def adapter_info(self) -> dict[str, Any]:
