@@ -86,6 +86,20 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
     assert report["seen"]["clips"] == 1 and report["held_out"]["clips"] == 1
 
 
+def test_eval_counts_seeds_from_first_seed(tmp_path, capsys):
+    """A validation judge on other seeds than the reported 0 to 3: video s of a caption is seed s's video."""
+    caption, videos, path = "a red circle moving left", tmp_path / "videos", tmp_path / "eval.json"
+    argv = ["eval", "--captions", caption, "--num-inference-steps", "2", "--device", "cpu"]
+    assert main([*argv, "--first-seed", "100", "--seeds", "2", "--save-videos", str(videos), "--json", str(path)]) == 0
+    assert sorted(p.name for p in videos.iterdir()) == [f"a-red-circle-moving-left-{s}.mp4" for s in (100, 101)]
+    settings = json.loads(path.read_text())["settings"]
+    assert (settings["first_seed"], settings["seeds"]) == (100, 2)
+    capsys.readouterr()
+    assert main([*argv, "--first-seed", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --first-seed must be a seed from 0"), err
+
+
 def test_eval_rejects_a_caption_outside_the_dataset(capsys):
     assert main(["eval", "--captions", "a purple cat", "--seeds", "1"]) == 2
     assert capsys.readouterr().err.startswith("error: not a shapes caption")

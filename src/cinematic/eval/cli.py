@@ -1,7 +1,9 @@
 """The ``cinematic eval`` sub-command: generate shapes videos for every caption, judge them, print the table.
 
-Video ``s`` of each caption is generated with seed ``s``, exactly as ``cinematic generate CAPTION --seed s`` would
-make it, so any cell of the table can be reproduced by hand. Captions are generated in batches (one sampler run
+Video ``s`` of each caption is generated with seed ``s`` (counted from ``--first-seed``, 0), exactly as ``cinematic
+generate CAPTION --seed s`` would make it, so any cell of the table can be reproduced by hand. Seeds other than the
+reported ones (``--first-seed 100``) make a validation judge: choose settings or checkpoints on it, report on seeds 0
+to 3. Captions are generated in batches (one sampler run
 for many captions), which on a CPU is several times faster than one call per video. Importing this module does not
 import torch.
 """
@@ -35,6 +37,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="shapes", help="bundled name, model folder or hub id (default: shapes)")
     parser.add_argument("--seeds", type=int, default=4, help="videos per caption; video s uses seed s (default 4)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, metavar="S",
+        help="the first video's seed; the others count up from it (default 0; another range, e.g. 100, makes a "
+        "validation judge for choosing settings apart from the reported seeds)",
+    )  # fmt: skip
     parser.add_argument("--captions", nargs="+", help="judge only these captions (default: all 48)")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="captions per sampler run (default 48)")
     parser.add_argument("--json", type=Path, help="write the report (and the settings) to this JSON file")
@@ -60,6 +67,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     for name in ("seeds", "batch"):
         if getattr(args, name) < 1:
             raise CinematicError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if not 0 <= args.first_seed < 2**63 - args.seeds:
+        raise CinematicError(f"--first-seed must be a seed from 0 to 2**63 - 1 - --seeds, not {args.first_seed}")
     captions = list(dict.fromkeys(args.captions or ALL_CAPTIONS))
     for caption in captions:
         parse_caption(caption)
@@ -88,7 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     pipe.model.unet.register_forward_hook(lambda module, inputs, output: rows.__setitem__(0, rows[0] + len(inputs[0])))
     began = time.perf_counter()
     videos: dict[str, list] = {caption: [] for caption in captions}
-    for seed in range(args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         for first in range(0, len(captions), args.batch):
             chunk = captions[first : first + args.batch]
             for caption, frames in zip(chunk, generate(pipe, chunk, seed, **settings)):
@@ -96,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"seed {seed}: {len(captions)} videos, {time.perf_counter() - began:.0f} s so far", file=sys.stderr)
     seconds = time.perf_counter() - began
     if args.save_videos is not None:
-        _save(videos, args.save_videos, pipe.model.config.defaults.fps)
+        _save(videos, args.save_videos, pipe.model.config.defaults.fps, args.first_seed)
     report = evaluate(videos)
     print(report.table())
     count = len(captions) * args.seeds
@@ -108,17 +118,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         shown = {name: resolved[name] for name in EVAL_SETTINGS}
         took = round(seconds, 1)
         loras = [f"{path}:{scale:g}" for path, scale in args.loras]
-        settings = {"model": str(args.model), "loras": loras, "seeds": args.seeds, **shown, "device": device,
+        settings = {"model": str(args.model), "loras": loras, "seeds": args.seeds,
+                    **({"first_seed": args.first_seed} if args.first_seed else {}), **shown, "device": device,
                     "seconds": took, "unet_passes_per_video": passes}  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, **report.to_json()}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-def _save(videos: dict[str, list], folder: Path, fps: float) -> None:
+def _save(videos: dict[str, list], folder: Path, fps: float, first_seed: int) -> None:
     from cinematic import video
 
     folder.mkdir(parents=True, exist_ok=True)
     for caption, clips in videos.items():
-        for seed, frames in enumerate(clips):
+        for seed, frames in enumerate(clips, start=first_seed):
             video.write(folder / f"{caption.replace(' ', '-')}-{seed}.mp4", frames, fps=fps)
