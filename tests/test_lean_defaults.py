@@ -46,11 +46,19 @@ def test_fp16_files_stay_fp16_and_compute_in_fp32_by_default(fp16_folder, as_if_
     assert lean.dtype == torch.float32
     for network in ("unet", "text_encoder", "vae"):
         assert storage_dtype(getattr(lean.model, network)) == torch.float16
-    assert lean.memory == Memory(batched_guidance=None, decode_chunk=1)
+    assert lean.memory == Memory(batched_guidance=None)  # and the VAE's frames per call by their size
     request = lean.validate(PROMPT, **{k: v for k, v in SMALL.items() if k != "progress"})
     assert lean.fit(request).batched_guidance is False  # a large step: the passes one after the other
     fp32_files = make_diffusers_folder(fp16_folder.parent / "fp32")
     assert Pipeline.from_pretrained(fp32_files).model.unet.conv_in.weight.dtype == torch.float32  # fp32 stays
+
+
+def test_the_vae_decodes_small_frames_several_at_a_time_on_a_cpu():
+    default_decode_chunk, cpu = memory.default_decode_chunk, torch.device("cpu")
+    assert default_decode_chunk(cpu, 256 * 256) == default_decode_chunk(cpu, 1024 * 576) == 1  # full size: one
+    assert default_decode_chunk(cpu, 32 * 32) == 64  # the shapes model: a 16-frame clip in one call
+    cuda = torch.device("cuda")
+    assert default_decode_chunk(cuda, 32 * 32) == default_decode_chunk(cuda, 256 * 256) == 8
 
 
 def test_a_small_model_keeps_fp32_and_batched_guidance(fp16_folder):

@@ -25,7 +25,7 @@ from cinematic.errors import CinematicError
 from cinematic.generation.denoiser import UNetCall, video_eps
 from cinematic.generation.frames import decode_frames
 from cinematic.generation.loading import load_model, load_text_encoder, resolve_dtypes
-from cinematic.generation.memory import Footprint, Memory
+from cinematic.generation.memory import Footprint, Memory, default_decode_chunk
 from cinematic.generation.memory import fit as fit_memory
 from cinematic.generation.memory import resolve as resolve_memory
 from cinematic.generation.noise import initial_noise, video_seeds
@@ -275,8 +275,10 @@ class Pipeline:
         return True
 
     def decode(self, latents: torch.Tensor, chunk: int | None = None) -> list[torch.Tensor]:
-        """uint8 frames ``[F, H, W, 3]`` per video; ``chunk``: frames per VAE call (default 1 on the CPU, else 8)."""
-        chunk = chunk or (1 if self.device.type == "cpu" else 8)
+        """uint8 frames ``[F, H, W, 3]`` per video; ``chunk``: frames per VAE call (default: by the frames' size,
+        :func:`cinematic.generation.memory.default_decode_chunk`)."""
+        factor = self.model.config.vae.downsample_factor
+        chunk = chunk or default_decode_chunk(self.device, latents.shape[-2] * latents.shape[-1] * factor**2)
         return decode_frames(self.model.vae, latents, self.dtype, chunk)
 
     def metadata(self, request: Request, index: int) -> dict[str, Any]:

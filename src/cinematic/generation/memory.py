@@ -32,6 +32,11 @@ MARGIN = 1.2  # the estimate times this must fit
 # per-call overhead (the shapes model's 20 steps: 2.6 s batched, 3.7 s one by one). The full model at 16 frames of
 # 256x256 needs 3.3 GB, and is no slower one by one.
 BATCH_BELOW = 256 * 2**20
+# On a CPU the VAE decodes about this many output pixels per call: one frame at full size (256x256, where one frame at
+# a time is no slower than eight and needs about 3 GB less, frames.py), a whole 16-frame clip at the shapes model's
+# 32x32, where per-call overhead dominates. Elsewhere it decodes GPU_DECODE_CHUNK frames per call.
+CPU_DECODE_PIXELS = 256 * 256
+GPU_DECODE_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Memory:
 
     batched_guidance: bool | None = True  # None: batched when the step is small (see BATCH_BELOW), else one by one
     free_text_encoder: bool = False
-    decode_chunk: int | None = None  # frames per VAE call; None: 1 on the CPU, 8 elsewhere
+    decode_chunk: int | None = None  # frames per VAE call; None: by the frames' size (default_decode_chunk)
     feed_forward_rows: int | None = None
 
     @classmethod
@@ -54,8 +59,9 @@ class Memory:
     def for_device(cls, device: torch.device) -> Memory:
         """The default: on a CPU the guidance passes one after the other when a step is large (no slower there:
         64.9 s against 66.7 s a step at full size, docs/performance.md run D) and batched when it is small (the
-        shapes model: 1.45x faster batched), one frame per VAE call; elsewhere one batch and 8 frames."""
-        return cls(batched_guidance=None, decode_chunk=1) if device.type == "cpu" else cls(decode_chunk=8)
+        shapes model: 1.45x faster batched); elsewhere one batch. The VAE's frames per call follow the frames' size
+        (:func:`default_decode_chunk`)."""
+        return cls(batched_guidance=None) if device.type == "cpu" else cls()
 
 
 @dataclass(frozen=True)
@@ -163,11 +169,17 @@ class Footprint:
         f = c.vae.downsample_factor
         tokens = (s.window if s.windowed else s.num_frames) * (s.height // f) * (s.width // f)
         batch = count * (2 if memory.batched_guidance and s.unconditional_pass(ModelFacts.of(c)) else 1)
-        chunk = memory.decode_chunk or (1 if self.device.type == "cpu" else 8)
+        chunk = min(memory.decode_chunk or default_decode_chunk(self.device, s.height * s.width), count * s.num_frames)
         return estimate(
             c.unet.levels[0].channels, tokens, batch, s.height * s.width, torch.finfo(self.dtype).bits // 8,
             memory.feed_forward_rows is not None, chunk, self.text_encoder if memory.free_text_encoder else 0,
         )  # fmt: skip
+
+
+def default_decode_chunk(device: torch.device, pixels: int) -> int:
+    """Frames of ``pixels`` pixels per VAE call when a plan does not say: on a CPU as many as make
+    :data:`CPU_DECODE_PIXELS` (at least one), elsewhere :data:`GPU_DECODE_CHUNK`."""
+    return max(1, CPU_DECODE_PIXELS // pixels) if device.type == "cpu" else GPU_DECODE_CHUNK
 
 
 def fit(
