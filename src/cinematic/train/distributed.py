@@ -118,7 +118,10 @@ def launched_size() -> int:
 def joined(device_name: str | None) -> Iterator[World]:
     """This process's :class:`World`, in the process group for the duration of the block.
 
-    Under torchrun the group is joined here and left at the end (a group the caller already made is used as it is).
+    Under torchrun the group is joined here and left at the end, after a barrier, so that the rank that finishes first
+    (rank 1, while rank 0 writes the last checkpoint) does not close its connections under a rank still using them:
+    rank 0 died now and then with SIGABRT ("terminate called without an active exception") as it left, twice in about
+    six CI runs, most likely for that reason. A group the caller already made is used as it is.
     An error on one rank ends the block on that rank with the rank named; the others fail in their next collective
     (gloo notices the closed connection) or are stopped by torchrun."""
     import torch.distributed as dist
@@ -137,6 +140,8 @@ def joined(device_name: str | None) -> Iterator[World]:
         made = True
     try:
         yield World(rank, size, device)
+        if made:  # no rank leaves while another still talks to it: gloo aborts a process whose peer has gone
+            dist.barrier()
     except CinematicError as e:
         raise CinematicError(f"rank {rank} of {size}: {e}" if size > 1 else str(e)) from None
     except (dist.DistError, RuntimeError) as e:
