@@ -86,11 +86,17 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, capsys):
     assert report["seen"]["clips"] == 1 and report["held_out"]["clips"] == 1
 
 
-def test_eval_counts_seeds_from_first_seed(tmp_path, capsys):
+def test_eval_counts_seeds_from_first_seed(tmp_path, capsys, monkeypatch):
     """A validation judge on other seeds than the reported 0 to 3: video s of a caption is seed s's video."""
+    from cinematic.eval import videos as eval_videos
+
+    seeds, real = [], eval_videos.generate
+    monkeypatch.setattr(eval_videos, "generate", lambda pipe, captions, seed, **kw: seeds.append(seed) or real(
+        pipe, captions, seed, **kw))  # fmt: skip
     caption, videos, path = "a red circle moving left", tmp_path / "videos", tmp_path / "eval.json"
     argv = ["eval", "--captions", caption, "--num-inference-steps", "2", "--device", "cpu"]
     assert main([*argv, "--first-seed", "100", "--seeds", "2", "--save-videos", str(videos), "--json", str(path)]) == 0
+    assert seeds == [100, 101]  # the videos are made from these seeds' noise, not 0 and 1
     assert sorted(p.name for p in videos.iterdir()) == [f"a-red-circle-moving-left-{s}.mp4" for s in (100, 101)]
     settings = json.loads(path.read_text())["settings"]
     assert (settings["first_seed"], settings["seeds"]) == (100, 2)

@@ -3,9 +3,8 @@
 Video ``s`` of each caption is generated with seed ``s`` (counted from ``--first-seed``, 0), exactly as ``cinematic
 generate CAPTION --seed s`` would make it, so any cell of the table can be reproduced by hand. Seeds other than the
 reported ones (``--first-seed 100``) make a validation judge: choose settings or checkpoints on it, report on seeds 0
-to 3. Captions are generated in batches (one sampler run
-for many captions), which on a CPU is several times faster than one call per video. Importing this module does not
-import torch.
+to 3. Captions are generated in batches (one sampler run for many captions), which on a CPU is several times faster
+than one call per video. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -97,8 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     pipe.model.unet.register_forward_hook(lambda module, inputs, output: rows.__setitem__(0, rows[0] + len(inputs[0])))
     began = time.perf_counter()
     videos: dict[str, list] = {caption: [] for caption in captions}
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    for seed in seeds:
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for first in range(0, len(captions), args.batch):
             chunk = captions[first : first + args.batch]
             for caption, frames in zip(chunk, generate(pipe, chunk, seed, **settings)):
