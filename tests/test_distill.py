@@ -142,9 +142,13 @@ def test_cached_latents_and_features_give_the_uncached_loss(teacher: Path, tmp_p
     torch.testing.assert_close(losses(tmp_path / "cached"), losses(tmp_path / "plain"), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("target_decay", [0.95, 0.0], ids=["ema-target", "own-target"])
-def test_a_lora_student_resumes_exactly(teacher: Path, tmp_path: Path, target_decay: float):
-    common = {"init": str(teacher), "steps": 4, "lora": 4, "target_decay": target_decay, **FAST}
+@pytest.mark.parametrize(
+    ("target_decay", "anchors"),
+    [(0.95, {}), (0.0, {}), (0.95, {"solver_steps": 10, "anchor_steps": 5})],
+    ids=["ema-target", "own-target", "anchored"],
+)
+def test_a_lora_student_resumes_exactly(teacher: Path, tmp_path: Path, target_decay: float, anchors: dict):
+    common = {"init": str(teacher), "steps": 4, "lora": 4, "target_decay": target_decay, **anchors, **FAST}
     straight = distill(DistillConfig(tmp_path / "straight", **common), dataset=clips())
     assert distill(DistillConfig(tmp_path / "sliced", stop_at=2, **common), dataset=clips()).name == "checkpoint-000002"
     state = torch.load(tmp_path / "sliced" / "checkpoint-000002" / "training_state.pt", weights_only=True)
@@ -194,16 +198,21 @@ def test_a_full_student_resumes_exactly_and_is_a_few_step_model(teacher: Path, t
     assert calls == [1, 1, 1, 1]
 
 
-def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalings(tmp_path: Path):
+@pytest.mark.parametrize("anchored", [False, True], ids=["one-step", "anchored"])
+def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalings(tmp_path: Path, anchored: bool):
     """The loss of one clip at a fresh LoRA (the student is the teacher), rebuilt from docs/few-step.md's equations
-    with the bundled shapes model (v-prediction on a zero terminal SNR schedule) and the run's own draws."""
+    with the bundled shapes model (v-prediction on a zero terminal SNR schedule) and the run's own draws. Anchored
+    (every solver step of a 5-step grid), the teacher's guided DDIM steps go on to the clean end and that is the
+    target, with no pass of the target network."""
     from cinematic.diffusion.denoisers import boundary_scalings
     from cinematic.train.batches import STEP, generator
     from cinematic.train.distill import DistillTrainer
     from cinematic.train.distributed import StepDraws, World
     from cinematic.train.loop import _open_run
 
-    config = DistillConfig(tmp_path / "run", init="shapes", steps=1, batch_size=1, progress=False, huber_c=0.001)
+    solver = 5 if anchored else 50
+    config = DistillConfig(tmp_path / "run", init="shapes", steps=1, batch_size=1, progress=False, huber_c=0.001,
+                           solver_steps=solver, anchor_steps=solver if anchored else 0)  # fmt: skip
     config.out.mkdir()
     trainer = DistillTrainer(_open_run(config, None, None, World()), None)
     batch = {"video": trainer.run.dataset[3]["video"][None], "caption": [trainer.run.dataset[3]["caption"]]}
@@ -214,21 +223,37 @@ def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalin
     mean, logvar = model.vae.encode_moments(batch["video"])
     post = torch.randn((mean.shape[0], *mean.shape[1:]), generator=g, dtype=mean.dtype)
     x0 = model.vae.posterior_latents(mean, logvar, 1, eps=post).float()
-    k = int(torch.randint(1, 51, (1,), generator=g))
+    k = int(torch.randint(1, solver + 1, (1,), generator=g))
     eps = torch.randn((1, *x0.shape[1:]), generator=g)
     w = 5.0 + 10.0 * float(torch.rand(1, generator=g))
-    t, t_prev = 20 * k - 1, max(20 * k - 21, 0)
     ab = model.config.schedule.alpha_bar()
-    a, s = float(ab[t].sqrt()), float((1 - ab[t]).sqrt())
-    a_prev, s_prev = float(ab[t_prev].sqrt()), float((1 - ab[t_prev]).sqrt())
-    x_t = a * x0 + s * eps
     with torch.no_grad():  # a fresh adapter adds nothing (its up is zero), nor does the zero guidance embedding
         context = model.text_encoder(model.tokenizer(batch["caption"]))
         empty = model.text_encoder(model.tokenizer([""]))
-        v_c, v_u = model.unet(x_t, float(t), context), model.unet(x_t, float(t), empty)
-    x0_c, x0_u = a * x_t - s * v_c, a * x_t - s * v_u  # v-prediction
-    e_c, e_u = s * x_t + a * v_c, s * x_t + a * v_u
-    x_prev = a_prev * (x0_u + w * (x0_c - x0_u)) + s_prev * (e_u + w * (e_c - e_u))
+
+    def scales(t: int) -> tuple[float, float]:
+        return float(ab[t].sqrt()), float((1 - ab[t]).sqrt())
+
+    def guided_ddim_step(x: torch.Tensor, t: int) -> tuple[torch.Tensor, int]:
+        t_prev = max(t - 1000 // solver, 0)
+        (a, s), (a_prev, s_prev) = scales(t), scales(t_prev)
+        with torch.no_grad():
+            v_c, v_u = model.unet(x, float(t), context), model.unet(x, float(t), empty)
+        x0_c, x0_u = a * x - s * v_c, a * x - s * v_u  # v-prediction
+        e_c, e_u = s * x + a * v_c, s * x + a * v_u
+        return a_prev * (x0_u + w * (x0_c - x0_u)) + s_prev * (e_u + w * (e_c - e_u)), t_prev
+
+    t = 1000 // solver * k - 1
+    a, s = scales(t)
+    x_t = a * x0 + s * eps
+    x_prev, t_prev = guided_ddim_step(x_t, t)
+    hops = 1
+    while anchored and t_prev > 0:
+        x_prev, t_prev = guided_ddim_step(x_prev, t_prev)
+        hops += 1
+    assert hops == (k if anchored else 1) and (t_prev == 0) == (anchored or k == 1)
+    assert hops > 1 or not anchored  # this clip's draw is a chain of several teacher steps
+    a_prev, s_prev = scales(t_prev)
     with torch.no_grad():
         v_student = model.unet(x_t, float(t), context, guidance=w)
         v_target = model.unet(x_prev, float(t_prev), context, guidance=w)
@@ -252,6 +277,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
         (["--guidance-range", "9", "5"], ["guidance range", "MIN <= MAX"]),
         (["--full", "--lora", "8"], ["--full", "--lora"]),
         (["--solver-steps", "0"], ["solver steps", "from 1 to 1000"]),
+        (["--solver-steps", "25", "--anchor-steps", "26"], ["anchor steps", "from 0 to 25"]),
         (["--timestep-scaling", "0"], ["timestep scaling must be positive"]),
         (["--steps", "0"], ["steps must be an integer of at least 1"]),
     ],

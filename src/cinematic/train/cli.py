@@ -183,6 +183,14 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     option(student, "--huber-c", "c of the pseudo-Huber loss", type=float)
     option(student, "--target-decay", "the target is an EMA of the student with this decay (0: the student "
            "itself, as LCM-LoRA)", type=float)  # fmt: skip
+    option(
+        student,
+        "--anchor-steps",
+        "at the lowest N solver steps the target is the teacher's own DDIM run to "
+        "the clean end, not the target network (0: LCM's one-step target everywhere)",
+        type=int,
+        metavar="N",
+    )
     _data_group(parser, option)
     opt = _optimisation_group(parser, option)
     option(opt, "--cache-latents", "compute VAE latents and text features once into DIR, reuse them", metavar="DIR")

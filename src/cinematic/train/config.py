@@ -229,6 +229,7 @@ class DistillConfig(TrainConfig):
     timestep_scaling: float = 10.0  # of the boundary scalings (10: T2V-Turbo and LCM; 4: MCM)
     huber_c: float = 0.001  # the pseudo-Huber loss's c
     target_decay: float = 0.95  # the target is an EMA of the student with this decay; 0: the student itself
+    anchor_steps: int = 0  # at the lowest this many solver steps the target is the teacher's own DDIM run to the end
 
     def __post_init__(self) -> None:
         if self.init is None:
@@ -251,7 +252,11 @@ class DistillConfig(TrainConfig):
                                  f"{self.guidance_max}")  # fmt: skip
         if not self.timestep_scaling > 0:
             raise CinematicError(f"timestep scaling must be positive, not {self.timestep_scaling!r}")
-        for name, low, high in (("guidance_embedding", 0, 4096), ("solver_steps", 1, 1000)):
+        for name, low, high in (
+            ("guidance_embedding", 0, 4096),
+            ("solver_steps", 1, 1000),
+            ("anchor_steps", 0, self.solver_steps if isinstance(self.solver_steps, int) else 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise CinematicError(f"{name.replace('_', ' ')} must be an integer from {low} to {high}, not {value!r}")
@@ -261,5 +266,8 @@ class DistillConfig(TrainConfig):
     def distill_settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (besides the train settings it checks)."""
         names = ("guidance_min", "guidance_max", "guidance_embedding", "solver_steps", "timestep_scaling",
-                 "huber_c", "target_decay")  # fmt: skip
-        return {"student": "lora" if self.lora else "full", **{name: getattr(self, name) for name in names}}
+                 "huber_c", "target_decay", "anchor_steps")  # fmt: skip
+        settings = {"student": "lora" if self.lora else "full", **{name: getattr(self, name) for name in names}}
+        if not settings["anchor_steps"]:  # runs from before anchors existed resume
+            del settings["anchor_steps"]
+        return settings

@@ -14,6 +14,11 @@ their students of text-to-video-ms-1.7b (``../shared/docs/few-step.md``):
    target's ``f`` at the teacher's ``x_{t - T/N}`` (no gradient) by the pseudo-Huber loss
    ``sqrt(d^2 + c^2) - c`` (Song & Dhariwal 2023).
 
+With ``anchor_steps = M`` (0 by default, LCM's recipe), a clip on one of the lowest ``M`` solver steps is anchored:
+the teacher goes on taking guided DDIM steps down to the bottom of the grid, and the target is where it ends (the
+boundary, where ``f`` is the identity), so the low-noise end learns the teacher's own trajectory instead of the
+target network's estimate of it. It costs up to ``M`` teacher passes for those clips.
+
 The student sees ``w`` through a guidance embedding (``guidance_embedding`` wide, the UNet config's
 ``time_cond_proj_dim``, started at zero), so each of its steps is one UNet pass at any guidance scale; with
 ``guidance_embedding=0`` it learns the teacher guided at ``w`` (give one value as the range) without seeing it.
@@ -65,6 +70,12 @@ def _x0_and_eps(
     if prediction == "v_prediction":
         return signal * x - noise * out, noise * x + signal * out
     return (x - noise * out) / signal, out
+
+
+def _scalings(t: torch.Tensor, timestep_scaling: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boundary scalings ``c_skip``, ``c_out`` at each of the timesteps ``t``, as columns."""
+    skip, out = zip(*(boundary_scalings(float(s), timestep_scaling) for s in t.tolist()))
+    return _column(skip, device), _column(out, device)
 
 
 def _column(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -188,19 +199,12 @@ class DistillTrainer(Trainer):
         eps = draws.take(lambda g, n: torch.randn((n, *x0.shape[1:]), generator=g)).to(device)
         w = draws.take(lambda g, n: c.guidance_min + (c.guidance_max - c.guidance_min) * torch.rand(n, generator=g))
         t = k * self.solver_stride - 1
-        t_prev = (t - self.solver_stride).clamp(min=0)
         alpha_bar = self.alpha_bar
         signal, noise = _column(alpha_bar[t].sqrt(), device), _column((1 - alpha_bar[t]).sqrt(), device)
-        signal_prev = _column(alpha_bar[t_prev].sqrt(), device)
-        noise_prev = _column((1 - alpha_bar[t_prev]).sqrt(), device)
         x_t = signal * x0 + noise * eps
-        scalings = [boundary_scalings(float(s), c.timestep_scaling) for s in t.tolist()]
-        scalings_prev = [boundary_scalings(float(s), c.timestep_scaling) for s in t_prev.tolist()]
-        skip, out = (_column([s[i] for s in scalings], device) for i in (0, 1))
-        skip_prev, out_prev = (_column([s[i] for s in scalings_prev], device) for i in (0, 1))
+        skip, out = _scalings(t, c.timestep_scaling, device)
         w_dev = w.to(device, torch.float32)
         student_w = {"guidance": w_dev} if c.guidance_embedding else {}
-        t_dev, t_prev_dev = t.to(device, torch.float32), t_prev.to(device, torch.float32)
 
         with torch.no_grad(), self.autocast():
             if "context" in batch:  # cached features of the captions and of ""
@@ -212,23 +216,47 @@ class DistillTrainer(Trainer):
                 context = model.text_encoder(model.tokenizer(captions).to(device))
                 empty = model.text_encoder(model.tokenizer([""]).to(device))
             empty = empty.expand(b, *context.shape[1:]) if empty.shape[0] == 1 else empty
-            # The teacher's guided DDIM step from t to t_prev (conditional and unconditional in one pass).
-            with self._teaching() as teacher:
-                both = teacher(torch.cat([x_t, x_t]), torch.cat([t_dev, t_dev]), torch.cat([context, empty])).float()
-            x0_c, eps_c = _x0_and_eps(prediction, x_t, both[:b], signal, noise)
-            x0_u, eps_u = _x0_and_eps(prediction, x_t, both[b:], signal, noise)
-            scale = _column(w, device)
-            x_prev = signal_prev * (x0_u + scale * (x0_c - x0_u)) + noise_prev * (eps_u + scale * (eps_c - eps_u))
+            # The teacher's guided DDIM step from t to t_prev; clips on the lowest anchor_steps solver steps go on
+            # stepping to the clean end (t_prev = 0, where the target is x_prev itself).
+            x_prev, t_prev = self._teacher_step(x_t, t, context, empty, w)
+            anchored = (k <= c.anchor_steps) & (t_prev > 0)
+            while anchored.any():
+                on = anchored.to(device)
+                x_prev[on], t_prev[anchored] = self._teacher_step(x_prev[on], t_prev[anchored], context[on], empty[on],
+                                                                  w[anchored])  # fmt: skip
+                anchored &= t_prev > 0
             # The target: the student's consistency function one solver step earlier (its EMA, or itself).
+            signal_prev = _column(alpha_bar[t_prev].sqrt(), device)
+            noise_prev = _column((1 - alpha_bar[t_prev]).sqrt(), device)
+            skip_prev, out_prev = _scalings(t_prev, c.timestep_scaling, device)
             with self._as_target() as target_net:
-                pred_prev = target_net(x_prev, t_prev_dev, context, **student_w).float()
+                pred_prev = target_net(x_prev, t_prev.to(device, torch.float32), context, **student_w).float()
             target = skip_prev * x_prev + out_prev * _x0_and_eps(prediction, x_prev, pred_prev, signal_prev,
                                                                   noise_prev)[0]  # fmt: skip
         with self.autocast():
-            pred = model.unet(x_t, t_dev, context, **student_w).float()
+            pred = model.unet(x_t, t.to(device, torch.float32), context, **student_w).float()
         student = skip * x_t + out * _x0_and_eps(prediction, x_t, pred, signal, noise)[0]
         huber = torch.sqrt((student - target) ** 2 + c.huber_c**2) - c.huber_c
         return huber.mean(), {}
+
+    def _teacher_step(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, empty: torch.Tensor, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen teacher's guided DDIM step from ``x`` at ``t`` one solver step down (to 0 at the bottom), with
+        the conditional and unconditional passes in one batch: ``(x_prev, t_prev)``."""
+        device, b = x.device, len(t)
+        t_prev = (t - self.solver_stride).clamp(min=0)
+        signal, noise = _column(self.alpha_bar[t].sqrt(), device), _column((1 - self.alpha_bar[t]).sqrt(), device)
+        signal_prev = _column(self.alpha_bar[t_prev].sqrt(), device)
+        noise_prev = _column((1 - self.alpha_bar[t_prev]).sqrt(), device)
+        t_dev = t.to(device, torch.float32)
+        with self._teaching() as teacher:
+            both = teacher(torch.cat([x, x]), torch.cat([t_dev, t_dev]), torch.cat([context, empty])).float()
+        prediction = self.model.config.schedule.prediction_type
+        x0_c, eps_c = _x0_and_eps(prediction, x, both[:b], signal, noise)
+        x0_u, eps_u = _x0_and_eps(prediction, x, both[b:], signal, noise)
+        scale = _column(w, device)
+        return signal_prev * (x0_u + scale * (x0_c - x0_u)) + noise_prev * (eps_u + scale * (eps_c - eps_u)), t_prev
 
     def step(self, step: int, batches: list[dict[str, Any]]) -> dict[str, float]:
         metrics = super().step(step, batches)
