@@ -144,8 +144,8 @@ def test_cached_latents_and_features_give_the_uncached_loss(teacher: Path, tmp_p
 
 @pytest.mark.parametrize(
     ("target_decay", "anchors"),
-    [(0.95, {}), (0.0, {}), (0.95, {"solver_steps": 10, "anchor_steps": 5})],
-    ids=["ema-target", "own-target", "anchored"],
+    [(0.95, {}), (0.0, {}), (0.95, {"solver_steps": 10, "anchor_steps": 5, "own_samples": 0.5})],
+    ids=["ema-target", "own-target", "anchored-own-samples"],
 )
 def test_a_lora_student_resumes_exactly(teacher: Path, tmp_path: Path, target_decay: float, anchors: dict):
     common = {"init": str(teacher), "steps": 4, "lora": 4, "target_decay": target_decay, **anchors, **FAST}
@@ -198,12 +198,14 @@ def test_a_full_student_resumes_exactly_and_is_a_few_step_model(teacher: Path, t
     assert calls == [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("anchored", [False, True], ids=["one-step", "anchored"])
-def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalings(tmp_path: Path, anchored: bool):
+@pytest.mark.parametrize(("anchored", "own"), [(False, False), (True, False), (False, True)],
+                         ids=["one-step", "anchored", "own-sample"])  # fmt: skip
+def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalings(tmp_path: Path, anchored, own):
     """The loss of one clip at a fresh LoRA (the student is the teacher), rebuilt from docs/few-step.md's equations
     with the bundled shapes model (v-prediction on a zero terminal SNR schedule) and the run's own draws. Anchored
     (every solver step of a 5-step grid), the teacher's guided DDIM steps go on to the clean end and that is the
-    target, with no pass of the target network."""
+    target, with no pass of the target network. With own samples, the clip is the target network's one-step sample
+    of its caption from fresh noise at t = 999."""
     from cinematic.diffusion.denoisers import boundary_scalings
     from cinematic.train.batches import STEP, generator
     from cinematic.train.distill import DistillTrainer
@@ -212,7 +214,8 @@ def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalin
 
     solver = 5 if anchored else 50
     config = DistillConfig(tmp_path / "run", init="shapes", steps=1, batch_size=1, progress=False, huber_c=0.001,
-                           solver_steps=solver, anchor_steps=solver if anchored else 0)  # fmt: skip
+                           solver_steps=solver, anchor_steps=solver if anchored else 0,
+                           own_samples=1.0 if own else 0.0)  # fmt: skip
     config.out.mkdir()
     trainer = DistillTrainer(_open_run(config, None, None, World()), None)
     batch = {"video": trainer.run.dataset[3]["video"][None], "caption": [trainer.run.dataset[3]["caption"]]}
@@ -230,6 +233,12 @@ def test_the_loss_is_one_guided_ddim_step_of_the_teacher_and_the_boundary_scalin
     with torch.no_grad():  # a fresh adapter adds nothing (its up is zero), nor does the zero guidance embedding
         context = model.text_encoder(model.tokenizer(batch["caption"]))
         empty = model.text_encoder(model.tokenizer([""]))
+        if own:
+            assert float(torch.rand(1, generator=g)) < 1.0  # the draw that picks the clips to replace
+            z = torch.randn((1, *x0.shape[1:]), generator=g)
+            a_top, s_top = float(ab[999].sqrt()), float((1 - ab[999]).sqrt())  # zero terminal SNR: a_top ~ 0
+            skip_top, out_top = boundary_scalings(999, 10.0)
+            x0 = skip_top * z + out_top * (a_top * z - s_top * model.unet(z, 999.0, context, guidance=w))
 
     def scales(t: int) -> tuple[float, float]:
         return float(ab[t].sqrt()), float((1 - ab[t]).sqrt())
@@ -278,6 +287,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
         (["--full", "--lora", "8"], ["--full", "--lora"]),
         (["--solver-steps", "0"], ["solver steps", "from 1 to 1000"]),
         (["--solver-steps", "25", "--anchor-steps", "26"], ["anchor steps", "from 0 to 25"]),
+        (["--own-samples", "1.5"], ["own samples", "fraction in [0, 1]"]),
         (["--timestep-scaling", "0"], ["timestep scaling must be positive"]),
         (["--steps", "0"], ["steps must be an integer of at least 1"]),
     ],

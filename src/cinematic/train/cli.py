@@ -191,6 +191,9 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         metavar="N",
     )
+    option(student, "--own-samples", "replace this fraction of the clips by the target network's one-step sample of "
+           "their caption, the kind of start the few-step sampler gives the student (default 0)", type=float,
+           metavar="F")  # fmt: skip
     _data_group(parser, option)
     opt = _optimisation_group(parser, option)
     option(opt, "--cache-latents", "compute VAE latents and text features once into DIR, reuse them", metavar="DIR")

@@ -230,6 +230,7 @@ class DistillConfig(TrainConfig):
     huber_c: float = 0.001  # the pseudo-Huber loss's c
     target_decay: float = 0.95  # the target is an EMA of the student with this decay; 0: the student itself
     anchor_steps: int = 0  # at the lowest this many solver steps the target is the teacher's own DDIM run to the end
+    own_samples: float = 0.0  # this fraction of the clips is replaced by the target network's one-step sample
 
     def __post_init__(self) -> None:
         if self.init is None:
@@ -260,14 +261,21 @@ class DistillConfig(TrainConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise CinematicError(f"{name.replace('_', ' ')} must be an integer from {low} to {high}, not {value!r}")
+        if (
+            isinstance(self.own_samples, bool)
+            or not isinstance(self.own_samples, int | float)
+            or not 0 <= self.own_samples <= 1
+        ):
+            raise CinematicError(f"own samples must be a fraction in [0, 1], not {self.own_samples!r}")
         if not isinstance(self.target_decay, int | float) or not 0 <= self.target_decay < 1:
             raise CinematicError(f"target decay must be a number in [0, 1), not {self.target_decay!r}")
 
     def distill_settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (besides the train settings it checks)."""
         names = ("guidance_min", "guidance_max", "guidance_embedding", "solver_steps", "timestep_scaling",
-                 "huber_c", "target_decay", "anchor_steps")  # fmt: skip
+                 "huber_c", "target_decay")  # fmt: skip
         settings = {"student": "lora" if self.lora else "full", **{name: getattr(self, name) for name in names}}
-        if not settings["anchor_steps"]:  # runs from before anchors existed resume
-            del settings["anchor_steps"]
+        for name in ("anchor_steps", "own_samples"):  # runs from before these existed resume
+            if getattr(self, name):
+                settings[name] = getattr(self, name)
         return settings

@@ -17,7 +17,10 @@ their students of text-to-video-ms-1.7b (``../shared/docs/few-step.md``):
 With ``anchor_steps = M`` (0 by default, LCM's recipe), a clip on one of the lowest ``M`` solver steps is anchored:
 the teacher goes on taking guided DDIM steps down to the bottom of the grid, and the target is where it ends (the
 boundary, where ``f`` is the identity), so the low-noise end learns the teacher's own trajectory instead of the
-target network's estimate of it. It costs up to ``M`` teacher passes for those clips.
+target network's estimate of it. It costs up to ``M`` teacher passes for those clips. With ``own_samples = F``, a
+fraction ``F`` of the clips is replaced by the target network's one-step sample of its caption (from fresh noise at
+the top of the schedule), so the student also learns from the kind of start its few-step sampler gives its later
+steps; noised real clips are sharper than those (docs/few-step.md).
 
 The student sees ``w`` through a guidance embedding (``guidance_embedding`` wide, the UNet config's
 ``time_cond_proj_dim``, started at zero), so each of its steps is one UNet pass at any guidance scale; with
@@ -198,10 +201,12 @@ class DistillTrainer(Trainer):
         k = draws.take(lambda g, n: torch.randint(1, c.solver_steps + 1, (n,), generator=g))
         eps = draws.take(lambda g, n: torch.randn((n, *x0.shape[1:]), generator=g)).to(device)
         w = draws.take(lambda g, n: c.guidance_min + (c.guidance_max - c.guidance_min) * torch.rand(n, generator=g))
+        if c.own_samples:  # which clips to replace, and the noise their samples start from
+            own = draws.take(lambda g, n: torch.rand(n, generator=g)) < c.own_samples
+            z = draws.take(lambda g, n: torch.randn((n, *x0.shape[1:]), generator=g)).to(device)
         t = k * self.solver_stride - 1
         alpha_bar = self.alpha_bar
         signal, noise = _column(alpha_bar[t].sqrt(), device), _column((1 - alpha_bar[t]).sqrt(), device)
-        x_t = signal * x0 + noise * eps
         skip, out = _scalings(t, c.timestep_scaling, device)
         w_dev = w.to(device, torch.float32)
         student_w = {"guidance": w_dev} if c.guidance_embedding else {}
@@ -216,6 +221,11 @@ class DistillTrainer(Trainer):
                 context = model.text_encoder(model.tokenizer(captions).to(device))
                 empty = model.text_encoder(model.tokenizer([""]).to(device))
             empty = empty.expand(b, *context.shape[1:]) if empty.shape[0] == 1 else empty
+            if c.own_samples and own.any():
+                on = own.to(device)
+                x0 = x0.clone()
+                x0[on] = self._one_step_sample(z[on], context[on], w_dev[on])
+            x_t = signal * x0 + noise * eps
             # The teacher's guided DDIM step from t to t_prev; clips on the lowest anchor_steps solver steps go on
             # stepping to the clean end (t_prev = 0, where the target is x_prev itself).
             x_prev, t_prev = self._teacher_step(x_t, t, context, empty, w)
@@ -238,6 +248,17 @@ class DistillTrainer(Trainer):
         student = skip * x_t + out * _x0_and_eps(prediction, x_t, pred, signal, noise)[0]
         huber = torch.sqrt((student - target) ** 2 + c.huber_c**2) - c.huber_c
         return huber.mean(), {}
+
+    def _one_step_sample(self, z: torch.Tensor, context: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The target network's one-step sample from the noise ``z`` at the top of the schedule: the estimate that
+        the few-step sampler's first step makes, and whose re-noised copies its later steps are given."""
+        top = len(self.alpha_bar) - 1
+        signal, noise = float(self.alpha_bar[top].sqrt()), float((1 - self.alpha_bar[top]).sqrt())
+        skip, out = boundary_scalings(float(top), self.config.timestep_scaling)
+        guidance = {"guidance": w} if self.config.guidance_embedding else {}
+        with self._as_target() as net:
+            pred = net(z, torch.full((len(z),), float(top), device=z.device), context, **guidance).float()
+        return skip * z + out * _x0_and_eps(self.model.config.schedule.prediction_type, z, pred, signal, noise)[0]
 
     def _teacher_step(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, empty: torch.Tensor, w: torch.Tensor
