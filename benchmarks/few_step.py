@@ -4,7 +4,8 @@ One process, one thread count: each case loads the pipeline (``Pipeline.from_pre
 ``cinematic generate`` does) and makes one default video (16 frames, 32x32: encode, sample, decode), ``--repeats``
 times after a warm-up. The table shows the median seconds of the video alone (text encoding, steps and decoding: what
 ``bench.py``'s whole-video estimate at full size counts) and of the load plus the video, each with its ratio against
-the teacher's DDIM 50 with guidance 9 (two UNet passes a step: 100 in all).
+the teacher's DDIM 50 with guidance 9 (two UNet passes a step: 100 in all). After a warm-up of each case the cases
+take turns, one video each per round, so that the machine's slow and fast spells fall on all of them alike.
 
     .venv/bin/python benchmarks/few_step.py --json build/few-step.json
 """
@@ -60,25 +61,32 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
-    for label, loras, settings in CASES:
+    for _label, loras, settings in CASES:
         one_video(loras, settings, 0)  # warm-up
-        times, videos, passes = [], [], 0
-        for seed in range(args.repeats):
-            seconds, video, passes = one_video(loras, settings, seed)
-            times.append(seconds)
-            videos.append(video)
+    # Round-robin: every round times each case once, so a slow spell of the machine falls on all cases alike.
+    timed: list[list[tuple[float, float, int]]] = [[] for _ in CASES]
+    for seed in range(args.repeats):
+        for runs, (_label, loras, settings) in zip(timed, CASES):
+            runs.append(one_video(loras, settings, seed))
+    rows = []
+    for runs, (label, loras, settings) in zip(timed, CASES):
+        times, videos = [r[0] for r in runs], [r[1] for r in runs]
         rows.append({"case": label, "loras": [f"{p}:{s:g}" for p, s in loras], "settings": settings,
                      "median_s": statistics.median(times), "times_s": times,
                      "video_median_s": statistics.median(videos), "video_times_s": videos,
-                     "unet_passes": passes})  # fmt: skip
+                     "unet_passes": runs[-1][2]})  # fmt: skip
         print(f"{label}: {statistics.median(videos):.3f} s video, {statistics.median(times):.3f} s with the load",
               file=sys.stderr)  # fmt: skip
     teacher, teacher_video = rows[0]["median_s"], rows[0]["video_median_s"]
+    for r in rows:  # the video's speed-up in each round, against the teacher's video of the same round
+        r["video_round_ratios"] = [t / v for t, v in zip(rows[0]["video_times_s"], r["video_times_s"])]
     table = markdown_table(
-        ["case", "UNet passes", "video, s (median)", "speed-up vs DDIM 50", "load + video, s", "speed-up vs DDIM 50"],
+        ["case", "UNet passes", "video, s (median)", "speed-up vs DDIM 50", "per round: median (range)",
+         "load + video, s", "speed-up vs DDIM 50"],
         [[r["case"], str(r["unet_passes"]), f"{r['video_median_s']:.3f}", f"{teacher_video / r['video_median_s']:.1f}x",
-          f"{r['median_s']:.3f}", f"{teacher / r['median_s']:.1f}x"] for r in rows],
+          f"{statistics.median(r['video_round_ratios']):.1f}x ({min(r['video_round_ratios']):.1f}-"
+          f"{max(r['video_round_ratios']):.1f})", f"{r['median_s']:.3f}", f"{teacher / r['median_s']:.1f}x"]
+         for r in rows],
     )  # fmt: skip
     print(table)
     if args.json is not None:
