@@ -183,14 +183,9 @@ def add_distill_parser(subparsers: Any) -> argparse.ArgumentParser:
     option(student, "--huber-c", "c of the pseudo-Huber loss", type=float)
     option(student, "--target-decay", "the target is an EMA of the student with this decay (0: the student "
            "itself, as LCM-LoRA)", type=float)  # fmt: skip
-    option(
-        student,
-        "--anchor-steps",
-        "at the lowest N solver steps the target is the teacher's own DDIM run to "
-        "the clean end, not the target network (0: LCM's one-step target everywhere)",
-        type=int,
-        metavar="N",
-    )
+    option(student, "--anchor-steps", "at the lowest N solver steps the target is the teacher's own DDIM run to the "
+           "clean end, not the target network (0: LCM's one-step target everywhere)", type=int,
+           metavar="N")  # fmt: skip
     option(student, "--own-samples", "replace this fraction of the clips by the target network's one-step sample of "
            "their caption, the kind of start the few-step sampler gives the student (default 0)", type=float,
            metavar="F")  # fmt: skip

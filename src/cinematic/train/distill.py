@@ -205,8 +205,7 @@ class DistillTrainer(Trainer):
             own = draws.take(lambda g, n: torch.rand(n, generator=g)) < c.own_samples
             z = draws.take(lambda g, n: torch.randn((n, *x0.shape[1:]), generator=g)).to(device)
         t = k * self.solver_stride - 1
-        alpha_bar = self.alpha_bar
-        signal, noise = _column(alpha_bar[t].sqrt(), device), _column((1 - alpha_bar[t]).sqrt(), device)
+        signal, noise = self._signal_and_noise(t, device)
         skip, out = _scalings(t, c.timestep_scaling, device)
         w_dev = w.to(device, torch.float32)
         student_w = {"guidance": w_dev} if c.guidance_embedding else {}
@@ -236,8 +235,7 @@ class DistillTrainer(Trainer):
                                                                   w[anchored])  # fmt: skip
                 anchored &= t_prev > 0
             # The target: the student's consistency function one solver step earlier (its EMA, or itself).
-            signal_prev = _column(alpha_bar[t_prev].sqrt(), device)
-            noise_prev = _column((1 - alpha_bar[t_prev]).sqrt(), device)
+            signal_prev, noise_prev = self._signal_and_noise(t_prev, device)
             skip_prev, out_prev = _scalings(t_prev, c.timestep_scaling, device)
             with self._as_target() as target_net:
                 pred_prev = target_net(x_prev, t_prev.to(device, torch.float32), context, **student_w).float()
@@ -248,6 +246,10 @@ class DistillTrainer(Trainer):
         student = skip * x_t + out * _x0_and_eps(prediction, x_t, pred, signal, noise)[0]
         huber = torch.sqrt((student - target) ** 2 + c.huber_c**2) - c.huber_c
         return huber.mean(), {}
+
+    def _signal_and_noise(self, t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sqrt(alpha_bar)`` and ``sqrt(1 - alpha_bar)`` at each of the timesteps ``t``, as columns."""
+        return _column(self.alpha_bar[t].sqrt(), device), _column((1 - self.alpha_bar[t]).sqrt(), device)
 
     def _one_step_sample(self, z: torch.Tensor, context: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The target network's one-step sample from the noise ``z`` at the top of the schedule: the estimate that
@@ -267,9 +269,8 @@ class DistillTrainer(Trainer):
         the conditional and unconditional passes in one batch: ``(x_prev, t_prev)``."""
         device, b = x.device, len(t)
         t_prev = (t - self.solver_stride).clamp(min=0)
-        signal, noise = _column(self.alpha_bar[t].sqrt(), device), _column((1 - self.alpha_bar[t]).sqrt(), device)
-        signal_prev = _column(self.alpha_bar[t_prev].sqrt(), device)
-        noise_prev = _column((1 - self.alpha_bar[t_prev]).sqrt(), device)
+        signal, noise = self._signal_and_noise(t, device)
+        signal_prev, noise_prev = self._signal_and_noise(t_prev, device)
         t_dev = t.to(device, torch.float32)
         with self._teaching() as teacher:
             both = teacher(torch.cat([x, x]), torch.cat([t_dev, t_dev]), torch.cat([context, empty])).float()
